@@ -8,16 +8,14 @@ import uuid
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from simulators.broker import MosquittoBroker
 
 
 def _client(client_id: str) -> mqtt.Client:
-    return mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
 
 
 def _connect(c: mqtt.Client, broker: MosquittoBroker, clean_start: bool) -> None:

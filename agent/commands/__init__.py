@@ -1,0 +1,1 @@
+"""Subcommands of ``edge-agent``: one module per group, each with ``register(subparsers)``."""

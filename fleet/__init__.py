@@ -1,0 +1,1 @@
+"""The fleet manager: registries, signed releases, rollouts, ingestion, dashboard."""

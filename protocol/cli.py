@@ -1,0 +1,57 @@
+"""The shared shape of the two command-line tools (``edge-agent`` and ``fleet``).
+
+Each subcommand group lives in its own module of a ``commands`` package and exposes
+``register(subparsers)``; the tool discovers the modules, so adding a command never edits a
+central file. A command's handler returns the exit code. Domain errors (``ValueError`` subclasses
+from :mod:`protocol.errors` and the packages' ``errors`` modules) print one clear line to stderr
+and exit 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the message says why and what to do."""
+
+
+def build_parser(prog: str, description: str, commands: ModuleType) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def run(
+    prog: str,
+    description: str,
+    commands: ModuleType,
+    argv: Sequence[str] | None,
+    expected: tuple[type[BaseException], ...] = (),
+) -> int:
+    parser = build_parser(prog, description, commands)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (CommandError, *expected) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
