@@ -48,9 +48,10 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Handler = args.handler
+    caught: tuple[type[BaseException], ...] = (CommandError, *expected)
     try:
         return handler(args)
-    except (CommandError, *expected) as exc:
+    except caught as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
