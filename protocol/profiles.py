@@ -96,6 +96,11 @@ def parse_profile(source: str, data: bytes) -> FirmwareProfile:
             raise ProfileError(f"{source}: field {field!r} must be positive, got {doc[field]}")
     if doc["latency_budget_ms"] <= 0:
         raise ProfileError(f"{source}: field 'latency_budget_ms' must be positive")
+    if doc["inference_threads"] > doc["cores"]:
+        raise ProfileError(
+            f"{source}: field 'inference_threads' is {doc['inference_threads']} but the device "
+            f"has {doc['cores']} cores; use at most {doc['cores']}"
+        )
     runtimes = tuple(doc["runtimes"])
     if not runtimes:
         raise ProfileError(f"{source}: field 'runtimes' is empty; list at least one runtime")
