@@ -1,0 +1,87 @@
+"""Latency recording cheap enough for the inference hot path.
+
+:class:`LatencyRecorder` keeps the last ``window`` latencies in a ring buffer (quantiles of
+recent traffic: p50/p95/p99 for the health page, the heartbeat and an update's trial) and a
+cumulative fixed-bucket histogram since start (Prometheus' ``_bucket``/``_sum``/``_count``).
+Recording is a few list stores and one ``bisect``; sorting happens only when someone reads the
+figures. Not thread-safe on its own: the caller records under its lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+# upper bounds in seconds (Prometheus ``le``); the last, implicit bucket is +Inf
+BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """A read of a :class:`LatencyRecorder`; quantiles are None until something was recorded."""
+
+    count: int  # since start
+    total_seconds: float  # since start
+    buckets: tuple[tuple[float, int], ...]  # (le, cumulative count), +Inf excluded (= count)
+    window: int  # how many recent samples the quantiles are over
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile of an ascending, non-empty list."""
+    index = min(len(sorted_values) - 1, max(0, int(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+class LatencyRecorder:
+    def __init__(self, window: int = 2048) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self._ring = [0.0] * window
+        self._next = 0
+        self._count = 0
+        self._total = 0.0
+        self._buckets = [0] * (len(BUCKETS) + 1)
+
+    def record(self, seconds: float) -> None:
+        ring = self._ring
+        ring[self._next] = seconds
+        self._next = (self._next + 1) % len(ring)
+        self._count += 1
+        self._total += seconds
+        self._buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+
+    def stats(self) -> LatencyStats:
+        n = min(self._count, len(self._ring))
+        recent = sorted(self._ring[:n]) if n else []
+        cumulative = []
+        running = 0
+        for le, c in zip(BUCKETS, self._buckets, strict=False):
+            running += c
+            cumulative.append((le, running))
+        return LatencyStats(
+            count=self._count,
+            total_seconds=self._total,
+            buckets=tuple(cumulative),
+            window=n,
+            p50=quantile(recent, 0.50) if n else None,
+            p95=quantile(recent, 0.95) if n else None,
+            p99=quantile(recent, 0.99) if n else None,
+        )
