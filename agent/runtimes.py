@@ -12,9 +12,11 @@ and turns every failure inside the runtime into :class:`~agent.errors.ModelLoadE
 file. Models take one float32 input ``(batch, features)`` and give one float32 output
 ``(batch, classes)``; quantization lives inside the graph.
 
-``predict`` is the agent's hot path: it validates the batch with a few attribute checks, converts
-only when the dtype or layout is wrong, and otherwise hands the caller's array straight to the
-runtime. It does not verify bundle hashes (:mod:`protocol.bundle`), compare golden outputs
+``predict`` is the agent's hot path: a batch that is already a float32 ``(rows, features)``
+ndarray passes four identity/attribute checks and goes straight to the runtime; anything else
+takes a slow path that converts it (another numeric dtype) or says what is wrong with it.
+
+This module does not verify bundle hashes (:mod:`protocol.bundle`), compare golden outputs
 (:mod:`protocol.golden`) or choose the artifact (:mod:`protocol.profiles`).
 """
 
@@ -33,6 +35,7 @@ RUNTIMES = ("onnxruntime", "litert")
 EXTENSIONS = {".onnx": "onnxruntime", ".tflite": "litert"}
 
 _F32 = np.dtype(np.float32)
+_NDARRAY = np.ndarray
 _TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier at bytes 4..8 of every .tflite
 
 
@@ -179,13 +182,19 @@ class OnnxRuntime:
         self._output_names = [self.output.name]  # cached: run() takes a list every call
         self._features = int(self.input.shape[1] or 0)
         self._classes = int(self.output.shape[1] or 0)
-        self._rows = self.input.shape[0]
+        self._fixed_rows = self.input.shape[0]  # None: any batch size
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` (rows, features) through the model; returns (rows, classes)."""
-        batch = _check_batch(self, batch, self._features, self._rows)
-        if not batch.shape[0]:
-            return np.empty((0, self._classes), dtype=_F32)
+        if (
+            batch.__class__ is not _NDARRAY
+            or batch.dtype is not _F32
+            or batch.ndim != 2
+            or batch.shape[1] != self._features
+        ):
+            batch = _coerce(self, batch, self._features)
+        if self._fixed_rows is not None and batch.shape[0] != self._fixed_rows:
+            raise _rows_error(self, batch.shape[0], self._fixed_rows)
         try:
             return self._session.run(self._output_names, {self._input_name: batch})[0]
         except Exception as exc:
@@ -240,20 +249,28 @@ class LiteRtRuntime:
         self._output_index: int = output_details[0]["index"]
         self._features = int(self.input.shape[1] or 0)
         self._classes = int(self.output.shape[1] or 0)
-        self._rows = self.input.shape[0]
+        self._fixed_rows = self.input.shape[0]  # None: any batch size
         self._allocated_rows = int(input_details[0]["shape"][0])  # the batch size tensors fit now
         self._lock = threading.Lock()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` (rows, features) through the model; returns (rows, classes)."""
-        batch = _check_batch(self, batch, self._features, self._rows)
+        if (
+            batch.__class__ is not _NDARRAY
+            or batch.dtype is not _F32
+            or batch.ndim != 2
+            or batch.shape[1] != self._features
+        ):
+            batch = _coerce(self, batch, self._features)
         rows = batch.shape[0]
-        if not rows:
-            return np.empty((0, self._classes), dtype=_F32)
+        if self._fixed_rows is not None and rows != self._fixed_rows:
+            raise _rows_error(self, rows, self._fixed_rows)
         with self._lock:
             interpreter = self._interpreter
             try:
                 if rows != self._allocated_rows:
+                    if not rows:  # LiteRT cannot size a tensor to 0 rows
+                        return np.empty((0, self._classes), dtype=_F32)
                     interpreter.resize_tensor_input(self._input_index, (rows, self._features))
                     interpreter.allocate_tensors()
                     self._allocated_rows = rows
@@ -386,8 +403,11 @@ def _expect(rt: Runtime, kind: str, actual: TensorSpec, expected: TensorSpec | N
     )
 
 
-def _check_batch(rt: Runtime, batch: np.ndarray, features: int, rows: int | None) -> np.ndarray:
-    """The batch as C-contiguous float32 (rows, features); converted only when it is not."""
+def _coerce(rt: Runtime, batch: object, features: int) -> np.ndarray:
+    """The slow path of ``predict``: say what is wrong with ``batch``, or convert it to float32.
+
+    Both runtimes accept non-contiguous arrays themselves, so layout is left alone.
+    """
     if not isinstance(batch, np.ndarray):
         raise BatchError(
             f"{rt.path.name}: batch is a {type(batch).__name__}; pass a numpy array of shape "
@@ -399,17 +419,15 @@ def _check_batch(rt: Runtime, batch: np.ndarray, features: int, rows: int | None
             f"{rt.path.name}: batch has shape {_shape(shape)}; the model takes (rows, {features})"
             + (" — wrap a single row as batch[None, :]" if shape == (features,) else "")
         )
-    if rows is not None and shape[0] != rows:
-        raise BatchError(
-            f"{rt.path.name}: batch has {shape[0]} rows; this model takes exactly {rows} per call"
-        )
-    if batch.dtype is not _F32 and batch.dtype != _F32:
-        if batch.dtype.kind not in "fiu":
-            raise BatchError(f"{rt.path.name}: batch has dtype {batch.dtype}; pass float32 numbers")
-        return np.ascontiguousarray(batch, dtype=_F32)
-    if not batch.flags.c_contiguous:
-        return np.ascontiguousarray(batch)
-    return batch
+    if batch.dtype.kind not in "fiu":
+        raise BatchError(f"{rt.path.name}: batch has dtype {batch.dtype}; pass float32 numbers")
+    return np.asarray(batch, dtype=_F32)  # copies only for another dtype or byte order
+
+
+def _rows_error(rt: Runtime, rows: int, fixed: int) -> BatchError:
+    return BatchError(
+        f"{rt.path.name}: batch has {rows} rows; this model takes exactly {fixed} per call"
+    )
 
 
 def _inference_error(rt: Runtime, closed: bool, exc: Exception) -> InferenceError:

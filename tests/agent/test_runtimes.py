@@ -28,7 +28,7 @@ BUNDLES = REPO / "models" / "bundles"
 
 
 def _committed() -> list[tuple[Path, BundleMetadata, ArtifactInfo]]:
-    found = []
+    found: list[tuple[Path, BundleMetadata, ArtifactInfo]] = []
     for meta_path in sorted(BUNDLES.glob(f"*/*/{METADATA_FILE}")):
         meta = parse_bundle(meta_path.read_bytes())
         found.extend((meta_path.parent, meta, a) for a in meta.artifacts)
