@@ -18,3 +18,23 @@ class ReferenceProfileError(ProtocolError):
 
 class BundleError(ProtocolError):
     """A model bundle's metadata is malformed or does not match its files."""
+
+
+class ReleaseTargetError(ProtocolError):
+    """A release's TUF target path or custom metadata does not follow the contract."""
+
+
+class DesiredDocumentError(ProtocolError):
+    """A signed desired document fails verification; ``reason`` says which check failed.
+
+    ``reason`` is one of :class:`protocol.desired.DesiredFailure`'s values (``malformed``,
+    ``bad_signature``, ``expired``, ``replayed``, ``wrong_device``, ``bad_root``).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        self.detail = message
+        super().__init__(f"desired document refused ({reason}): {message}")
+
+    def __reduce__(self) -> tuple[type["DesiredDocumentError"], tuple[str, str]]:
+        return (type(self), (self.reason, self.detail))
