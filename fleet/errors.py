@@ -100,3 +100,30 @@ class DeviceDecommissionedError(ConflictError):
 
 class DuplicateDeviceKeyError(ConflictError):
     """An active device already uses this public key."""
+
+
+# --- signing keys and the TUF repository (fleet.keys, fleet.tuf_repo) -------------------------
+
+
+class SigningKeyError(FleetError):
+    """A signing key file cannot be used: unreadable, not an Ed25519 PEM key, or exposed."""
+
+
+class SigningKeyMissingError(SigningKeyError, NotFoundError):
+    """A signing key file does not exist; the message names the command that creates it."""
+
+
+class SigningKeyExistsError(SigningKeyError, ConflictError):
+    """``fleet keys init`` would overwrite existing keys (pass ``--force`` to replace them)."""
+
+
+class TufRepositoryError(FleetError):
+    """The TUF repository cannot do what was asked (wrong key, bad role, broken metadata)."""
+
+
+class TufRepositoryNotInitializedError(TufRepositoryError, UnavailableError):
+    """There is no TUF repository in that directory yet (run ``fleet keys init``)."""
+
+
+class TargetConflictError(TufRepositoryError, ConflictError):
+    """A target path is already published with other content; releases are immutable."""
