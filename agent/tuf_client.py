@@ -2,7 +2,8 @@
 
 :class:`DeviceFetcher` is ngclient's network adapter (a ``FetcherInterface``) over the standard
 library's ``urllib`` (the agent has no httpx): every request carries the device's credentials
-(a callable returning headers, so signed tokens can be minted per request); an interrupted body
+(a callable given the method and request target returns the headers, so each request can be
+signed, see :mod:`protocol.device_auth`); redirects are not followed; an interrupted body
 is resumed with an HTTP ``Range`` request; transient failures (connection errors, timeouts,
 408/429/5xx) are retried with exponential backoff and jitter, counting only attempts that made
 no progress; and it never reads more than the signed length allows (a server that sends more is
@@ -50,7 +51,9 @@ from agent.errors import AgentError
 
 logger = logging.getLogger(__name__)
 
-AuthHeaders = Callable[[], Mapping[str, str]]
+# (method, request target exactly as sent: path with percent-encoding, plus ?query) -> headers;
+# called for every request, so it can sign each one (protocol.device_auth.sign_request).
+AuthHeaders = Callable[[str, str], Mapping[str, str]]
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -128,7 +131,7 @@ class DeviceFetcher(FetcherInterface):
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        self._auth = auth or (lambda: {})
+        self._auth: AuthHeaders = auth or (lambda method, target: {})
         self.retry = retry or RetryPolicy()
         self._user_agent = user_agent
         self._sleep = sleep
@@ -198,10 +201,12 @@ class DeviceFetcher(FetcherInterface):
             self._sleep(delay)
 
     def _open(self, url: str, offset: int) -> HTTPResponse:
-        headers = {"User-Agent": self._user_agent, **self._auth()}
+        request = urllib.request.Request(url, method="GET")
+        headers = {"User-Agent": self._user_agent, **self._auth("GET", request.selector)}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        request = urllib.request.Request(url, headers=headers)
+        for name, value in headers.items():
+            request.add_header(name, value)
         response = self._opener.open(request, timeout=self.retry.timeout)
         assert isinstance(response, HTTPResponse)
         return response
@@ -315,11 +320,7 @@ def _translated(what: str) -> Iterator[None]:
     except tuf_errors.DownloadHTTPError as exc:
         if exc.status_code in (401, 403):
             raise ReleaseAuthError(f"{what}: {exc}") from exc
-        if exc.status_code in TRANSIENT_STATUS:
-            raise ReleaseFetchError(f"{what}: {exc}") from exc
-        raise ReleaseVerificationError(
-            f"{what}: {exc}; the fleet does not serve a file its signed metadata names"
-        ) from exc
+        raise ReleaseFetchError(f"{what}: {exc}") from exc  # e.g. 404 while a release lands
     except tuf_errors.DownloadError as exc:
         raise ReleaseFetchError(f"{what}: {exc}") from exc
     except tuf_errors.RepositoryError as exc:

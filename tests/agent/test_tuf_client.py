@@ -58,6 +58,7 @@ class Faults:
     announce_extra: bool = True  # Content-Length includes the extra bytes
     ignore_range: bool = False
     fail_first: dict[str, list[int | None]] = field(default_factory=dict)  # None = serve
+    redirect: dict[str, str] = field(default_factory=dict)  # URL path -> Location
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
 
 
@@ -90,6 +91,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status = statuses.pop(0) if statuses else None
         if status is not None:
             self.send_error(status)
+            return
+        if path in faults.redirect:
+            self.send_response(302)
+            self.send_header("Location", faults.redirect[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if path.startswith("/tuf/metadata/"):
             file = self.server.repo.metadata_file(path.removeprefix("/tuf/metadata/"))
@@ -199,7 +206,7 @@ def _fetcher(
     retry: RetryPolicy = FAST,
     sleep: Callable[[float], None] = time.sleep,
 ) -> DeviceFetcher:
-    def auth() -> dict[str, str]:
+    def auth(method: str, target: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     return DeviceFetcher(auth, retry, sleep=sleep)
@@ -581,6 +588,31 @@ def test_missing_device_credentials_give_a_clear_error(
     client.refresh()  # metadata is public
     with pytest.raises(ReleaseAuthError, match="401.*refused this device's credentials"):
         client.download_target(MODEL_PATH, tmp_path / "m")
+
+
+def test_credentials_are_made_per_request_for_its_method_and_target(
+    published: Published, tmp_path: Path
+) -> None:
+    """Signed device tokens (protocol.device_auth) sign the method and the request target."""
+    seen: list[tuple[str, str]] = []
+
+    def auth(method: str, target: str) -> dict[str, str]:
+        seen.append((method, target))
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+    client = _client(published, tmp_path / "meta", DeviceFetcher(auth, FAST))
+    client.download_target(MODEL_PATH, tmp_path / "m")
+    assert seen == [("GET", path) for path, _ in published.server.faults.requests]
+    assert ("GET", _model_url()) in seen
+
+
+def test_redirects_are_not_followed(published: Published, tmp_path: Path) -> None:
+    """A redirect would hand the device's credentials to wherever the server points."""
+    published.server.faults = Faults(redirect={_model_url(): "/elsewhere"})
+    client = _client(published, tmp_path / "meta")
+    with pytest.raises(ReleaseFetchError, match="HTTP 302"):
+        client.download_target(MODEL_PATH, tmp_path / "m")
+    assert "/elsewhere" not in [path for path, _ in published.server.faults.requests]
 
 
 def test_transient_errors_are_retried_with_growing_backoff(
