@@ -1,0 +1,215 @@
+"""The fleet manager's settings: defaults, an optional TOML config file, environment variables.
+
+Precedence, highest first: keyword arguments (the CLI's ``--host``/``--port`` flags), environment
+variables (prefix ``EDGEFLEET_``, nested groups with ``__``: ``EDGEFLEET_MQTT__PASSWORD``), the
+TOML config file named by ``config=`` / ``--config`` / ``EDGEFLEET_CONFIG``, then the defaults.
+The defaults suit a laptop (loopback, no TLS); ``environment = "production"`` refuses to start
+with any of them that would be insecure.
+
+This module only describes and validates settings; it opens no database and starts nothing.
+Build one with :func:`load_settings` and hand it to :func:`fleet.app.create_app`; nothing reads
+settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from fleet.errors import ConfigError
+
+ENV_PREFIX = "EDGEFLEET_"
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+# secrets that ship in examples and must never reach production
+KNOWN_DEFAULT_SECRETS = frozenset({"", "changeme", "change-me", "password", "secret", "edgefleet"})
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*", re.IGNORECASE)
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``"90s"``, ``"30m"``, ``"24h"``, ``"7d"``, ``"2w"``, a number of seconds, or a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match:
+            unit = (match.group(2) or "s").lower()
+            return timedelta(seconds=float(match.group(1)) * _UNITS[unit])
+    raise ValueError(
+        f"{value!r} is not a duration: write a number with a unit, e.g. 90s, 30m, 24h, 7d, 2w"
+    )
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Group(BaseModel):
+    model_config = {"extra": "forbid", "frozen": True}
+
+
+class BrokerSettings(_Group):
+    """The MQTT broker address devices are told at enrollment (may differ from ``mqtt``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls: bool = False
+
+
+class MqttSettings(_Group):
+    """The fleet manager's own MQTT connection (ingestion and desired-state publishing)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = "edgefleet-fleet"
+    shared_group: str = Field(default="fleet", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    keepalive_seconds: int = Field(default=30, ge=5)
+
+
+class LimitsSettings(_Group):
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+
+
+class _ConfigFileSource(InitSettingsSource):
+    """The TOML config file, read strictly: a named file that is missing or broken is an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | os.PathLike[str] | None):
+        super().__init__(settings_cls, _read_config(Path(path)) if path else {})
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist: fix --config / {CONFIG_ENV}, or leave them unset "
+            "to use environment variables and defaults"
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as TOML: {exc}") from exc
+
+
+class FleetSettings(BaseSettings):
+    """Everything the fleet manager needs to know; see the module docstring for precedence."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    config: Path | None = Field(default=None, description="the TOML file these settings read")
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("edgefleet-data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_base_url: str = Field(default="http://127.0.0.1:8080", pattern=r"^https?://[^\s/]+")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    metrics_auth: Literal["none", "viewer"] = "none"
+    broker: BrokerSettings = BrokerSettings()
+    mqtt: MqttSettings = MqttSettings()
+    limits: LimitsSettings = LimitsSettings()
+    timestamp_expiry: Duration = timedelta(days=1)
+    device_auth_max_skew: Duration = timedelta(minutes=5)
+    db_busy_timeout_ms: int = Field(default=10_000, ge=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = None
+        if isinstance(init_settings, InitSettingsSource):
+            path = init_settings.init_kwargs.get("config")
+        path = path or os.environ.get(CONFIG_ENV) or None
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls, path))
+
+    @model_validator(mode="after")
+    def _refuse_insecure_production(self) -> FleetSettings:
+        if self.environment != "production":
+            return self
+        problems = []
+        if not self.public_base_url.startswith("https://"):
+            problems.append("public_base_url must be https:// (devices download models from it)")
+        if not self.broker.tls:
+            problems.append("broker.tls must be true (devices send credentials to the broker)")
+        if not self.mqtt.tls:
+            problems.append("mqtt.tls must be true (the fleet's own broker connection)")
+        if not self.mqtt.username:
+            problems.append("mqtt.username must be set (anonymous MQTT is for development)")
+        password = self.mqtt.password.get_secret_value() if self.mqtt.password else ""
+        if password.strip().lower() in KNOWN_DEFAULT_SECRETS or len(password) < 12:
+            problems.append(
+                "mqtt.password must be a real secret of 12+ characters, not empty or a default "
+                f"(set {ENV_PREFIX}MQTT__PASSWORD)"
+            )
+        if problems:
+            raise ValueError(
+                "refusing insecure settings in production: "
+                + "; ".join(problems)
+                + ' (or set environment = "development" for a local setup)'
+            )
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "fleet.db"
+
+    @property
+    def tuf_dir(self) -> Path:
+        return self.data_dir / "tuf"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> FleetSettings:
+    """Build settings (see the module docstring); :class:`ConfigError` says what is wrong.
+
+    ``overrides`` whose value is ``None`` are ignored, so CLI flags can be passed straight in.
+    """
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if config is not None:
+        kwargs["config"] = Path(config)
+    try:
+        return FleetSettings(**kwargs)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+            hint = f" (config key {where!r} or {env})" if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg}{hint}")
+        raise ConfigError("invalid settings: " + "; ".join(lines)) from None
