@@ -64,6 +64,10 @@ class PermissionDeniedError(FleetError):
     """Valid credentials whose role is too low for the request (HTTP 403)."""
 
 
+class DeviceAuthenticationError(AuthenticationError):
+    """A device request signature is missing or refused (HTTP 401, device challenge)."""
+
+
 class TokenNotFoundError(NotFoundError):
     """No operator token or enrollment token with that id."""
 
