@@ -171,7 +171,7 @@ def _publish_repo(repo_dir: Path, now: datetime) -> tuple[TufRepository, CryptoS
 
 def _serve(repo: TufRepository) -> RepoServer:
     server = RepoServer(repo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
 
@@ -509,6 +509,13 @@ def test_interrupted_download_resumes_with_range(published: Published, tmp_path:
     assert client.download_target(MODEL_PATH, tmp_path / "m").read_bytes() == MODEL
     ranges = [r for path, r in published.server.faults.requests if path == _model_url()]
     assert ranges == [None, "bytes=70000-"]
+
+
+def test_plain_fetch_resumes_too(published: Published) -> None:
+    """FetcherInterface.fetch (unused by ngclient's Updater, part of the interface)."""
+    published.server.faults = Faults(cut_once={_model_url(): 1000})
+    url = published.server.base_url.removesuffix("/tuf") + _model_url()
+    assert b"".join(_fetcher().fetch(url)) == MODEL
 
 
 class _Killed(Exception):
