@@ -3,6 +3,7 @@ written to disk and read through the same code, then handed to the profile selec
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -156,3 +157,50 @@ def test_unknown_arch_gets_a_clear_error(tmp_path: Path) -> None:
     assert facts.arch == "riscv64"
     with pytest.raises(ProfileError, match=r"no firmware profile for arch 'riscv64'; pass"):
         select_profile(load_profiles().values(), facts)
+
+
+# --- edge-agent profile show ------------------------------------------------------------------
+
+
+def test_profile_show_detects_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    facts = probe()
+    expected = select_profile(load_profiles().values(), facts)
+    assert main(["profile", "show", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["detected"] is True
+    assert MachineFacts(**doc["machine"]) == facts
+    assert doc["profile"]["name"] == expected.name
+    assert doc["profile"]["runtimes"] == list(expected.runtimes)
+    assert main(["profile", "show"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"machine\n  arch         {facts.arch}\n")
+    assert f"profile {expected.name} (detected)\n" in out
+    assert f"  threads      {expected.inference_threads}\n" in out
+
+
+def test_profile_show_named_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    assert main(["profile", "show", "--profile", "rpi3-armv7l"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("profile rpi3-armv7l\n  description  Raspberry Pi 3")
+    assert "machine" not in out and "  runtimes     litert\n" in out
+    assert main(["profile", "show", "--profile", "rpi5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-agent: error: no profile named 'rpi5'")
+    assert "jetson-aarch64, rpi3-armv7l, rpi4-aarch64, x86_64-gateway" in err
+
+
+def test_profile_show_with_a_bad_profile_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    (tmp_path / "broken.toml").write_text('name = "broken"\n')
+    assert main(["profile", "show", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"edge-agent: error: {tmp_path / 'broken.toml'}: missing required field 'description'\n"
+    )

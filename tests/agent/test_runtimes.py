@@ -154,7 +154,8 @@ def test_committed_artifact_passes_its_golden_set(
     assert rt.name == artifact.runtime
     assert (rt.input, rt.output) == (meta.input, meta.output)
     golden = GoldenSet.from_json((bundle_dir / artifact.golden).read_bytes())
-    check_golden(golden, rt.predict(golden.inputs))
+    result = check_golden(golden, rt.predict(golden.inputs))
+    assert result.passed, result.reason
     # Batch sizes that change on every call: LiteRT resizes, results stay the same per row.
     features = meta.input.shape[1]
     assert features is not None
@@ -162,6 +163,14 @@ def test_committed_artifact_passes_its_golden_set(
     full = rt.predict(x)
     for n in (1, 33, 5, 1, 0, 17):
         np.testing.assert_allclose(rt.predict(x[:n]), full[:n], rtol=1e-5, atol=1e-6)
+    # Layouts and dtypes the runtime gets through the slow path or takes as they are.
+    for batch in (
+        np.asfortranarray(x),
+        np.repeat(x, 2, axis=0)[::2],
+        x.astype(">f4"),
+        x.astype(np.float64),
+    ):
+        np.testing.assert_allclose(rt.predict(batch), full, rtol=1e-5, atol=1e-6)
     rt.close()
 
 
@@ -333,57 +342,59 @@ import numpy as np
 from agent.errors import InferenceError, ModelLoadError
 from agent.runtimes import load_runtime
 
-source, runtime, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-data = open(source, "rb").read()
-seen = {"load_error": 0, "loaded": 0, "inference_error": 0, "escaped": []}
-with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, os.path.basename(source))
-    for pos in sorted(set(np.linspace(0, len(data) - 1, n).astype(int).tolist())):
-        flipped = bytearray(data)
-        flipped[pos] ^= 0xFF
-        with open(path, "wb") as f:
-            f.write(flipped)
-        try:
-            rt = load_runtime(path, runtime, 1)
-        except ModelLoadError:
-            seen["load_error"] += 1
-            continue
-        except Exception as exc:
-            seen["escaped"].append(f"load, byte {pos}: {type(exc).__name__}: {exc}")
-            continue
-        seen["loaded"] += 1
-        try:
-            rt.predict(np.ones((3, rt.input.shape[1]), np.float32))
-        except InferenceError:
-            seen["inference_error"] += 1
-        except Exception as exc:
-            seen["escaped"].append(f"predict, byte {pos}: {type(exc).__name__}: {exc}")
-        rt.close()
-print(json.dumps(seen))
+n = int(sys.argv[1])
+report = {}
+for source, runtime in zip(sys.argv[2::2], sys.argv[3::2]):
+    data = open(source, "rb").read()
+    seen = report[source] = {"load_error": 0, "loaded": 0, "inference_error": 0, "escaped": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, os.path.basename(source))
+        for pos in sorted(set(np.linspace(0, len(data) - 1, n).astype(int).tolist())):
+            flipped = bytearray(data)
+            flipped[pos] ^= 0xFF
+            with open(path, "wb") as f:
+                f.write(flipped)
+            try:
+                rt = load_runtime(path, runtime, 1)
+            except ModelLoadError:
+                seen["load_error"] += 1
+                continue
+            except Exception as exc:
+                seen["escaped"].append(f"load, byte {pos}: {type(exc).__name__}: {exc}")
+                continue
+            seen["loaded"] += 1
+            try:
+                rt.predict(np.ones((3, rt.input.shape[1]), np.float32))
+            except InferenceError:
+                seen["inference_error"] += 1
+            except Exception as exc:
+                seen["escaped"].append(f"predict, byte {pos}: {type(exc).__name__}: {exc}")
+            rt.close()
+print(json.dumps(report))
 """
 
 
-@pytest.mark.parametrize("target", ["built-onnx", *COMMITTED_IDS])
-def test_flipped_bytes_anywhere_never_escape_as_other_errors(onnx_path: Path, target: str) -> None:
-    """Flip one byte at 40 offsets spread over the file, in a child process (a crash inside the
-    runtime shows there as a non-zero exit): each load fails with ModelLoadError, or gives a
-    model whose predict works or raises InferenceError — never anything else."""
-    if target == "built-onnx":
-        source, runtime = onnx_path, "onnxruntime"
-    else:
-        bundle_dir, _, artifact = COMMITTED[COMMITTED_IDS.index(target)]
-        source, runtime = bundle_dir / artifact.file, artifact.runtime
+def test_flipped_bytes_anywhere_never_escape_as_other_errors(onnx_path: Path) -> None:
+    """Flip one byte at 40 offsets spread over each file (the built ONNX model and v1's
+    artifacts), in a child process (a crash inside a runtime shows there as a non-zero exit):
+    each load fails with ModelLoadError, or gives a model whose predict works or raises
+    InferenceError — never anything else."""
+    targets = [(str(onnx_path), "onnxruntime")]
+    targets += [(str(d / a.file), a.runtime) for d, _, a in COMMITTED if d.name == "1"]
+    assert len(targets) == 4
     out = subprocess.run(
-        [sys.executable, "-c", _FLIP_SWEEP, str(source), runtime, "40"],
+        [sys.executable, "-c", _FLIP_SWEEP, "40", *(x for t in targets for x in t)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
-    assert out.returncode == 0, f"{source}: exit {out.returncode}\n{out.stderr[-3000:]}"
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["escaped"] == [], seen
-    assert seen["load_error"] > 0, seen  # the sweep does hit the file's structure
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(report) == sorted(path for path, _ in targets)
+    for path, seen in report.items():
+        assert seen["escaped"] == [], (path, seen)
+        assert seen["load_error"] > 0, (path, seen)  # the sweep does hit the file's structure
 
 
 def test_other_runtimes_format_by_content(tmp_path: Path, onnx_path: Path) -> None:
@@ -472,3 +483,82 @@ def test_runtime_for_path() -> None:
     assert runtime_for_path(Path("m.tflite")) == "litert"
     with pytest.raises(ModelLoadError, match=r"m\.bin: cannot tell the runtime"):
         runtime_for_path("m.bin")
+
+
+# --- edge-agent model check -------------------------------------------------------------------
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from agent.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(("bundle_dir", "meta", "artifact"), COMMITTED, ids=COMMITTED_IDS)
+def test_model_check_passes_each_committed_artifact(
+    bundle_dir: Path,
+    meta: BundleMetadata,
+    artifact: ArtifactInfo,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, golden = bundle_dir / artifact.file, bundle_dir / artifact.golden
+    code, out, _ = _cli(["model", "check", str(path), "--golden", str(golden)], capsys)
+    assert code == 0, out
+    assert f"runtime  {artifact.runtime}, 1 thread\n" in out
+    assert f"input    {meta.input.name} float32 (?, {meta.input.shape[1]})\n" in out
+    assert out.rstrip().endswith("— pass")
+    code, out, _ = _cli(["model", "check", str(path), "--json", "--threads", "2"], capsys)
+    doc = json.loads(out)
+    assert (code, doc["runtime"], doc["threads"], doc["golden"]) == (0, artifact.runtime, 2, None)
+    assert doc["output"] == meta.output.to_dict()
+
+
+def test_model_check_fails_a_golden_set_that_does_not_match(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from protocol.golden import GoldenSet
+
+    bundle_dir, _, artifact = next(c for c in COMMITTED if c[2].runtime == "litert")
+    golden = GoldenSet.from_json((bundle_dir / artifact.golden).read_bytes())
+    shifted = GoldenSet(golden.inputs, golden.expected + 0.2, golden.atol, golden.min_agreement)
+    bad = tmp_path / "shifted.json"
+    bad.write_bytes(shifted.to_json())
+    path = str(bundle_dir / artifact.file)
+    code, out, _ = _cli(["model", "check", path, "--golden", str(bad)], capsys)
+    assert code == 1
+    assert "— FAIL: max |output - expected| = 0.2" in out
+    code, out, _ = _cli(["model", "check", path, "--golden", str(bad), "--json"], capsys)
+    assert (code, json.loads(out)["golden"]["passed"]) == (1, False)
+
+
+def test_model_check_errors_name_the_file(
+    tmp_path: Path, onnx_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    noise = tmp_path / "noise.tflite"
+    noise.write_bytes(b"\x01" * 100)
+    code, out, err = _cli(["model", "check", str(noise)], capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"edge-agent: error: {noise}: is not a TFLite flatbuffer")
+    bundle_dir, _, artifact = COMMITTED[0]
+    golden = str(bundle_dir / artifact.golden)
+    code, _, err = _cli(["model", "check", str(onnx_path), "--golden", golden], capsys)
+    assert code == 2
+    assert "golden inputs have 24 features but" in err and "takes 8" in err
+    code, _, err = _cli(["model", "check", str(onnx_path), "--golden", str(noise)], capsys)
+    assert (code, err.startswith(f"edge-agent: error: {noise}: golden set is not JSON")) == (
+        2,
+        True,
+    )
+    code, _, err = _cli(["model", "check", str(tmp_path / "model.pt")], capsys)
+    assert code == 2 and "cannot tell the runtime from the extension '.pt'" in err
+
+
+def test_every_runtime_has_committed_artifacts() -> None:
+    """The tests above run on the committed bundles; without them they would prove little."""
+    assert {a.runtime for _, _, a in COMMITTED} == {"onnxruntime", "litert"}
+    assert {(d.parent.name, d.name) for d, _, _ in COMMITTED} >= {
+        ("pdm-classifier", "1"),
+        ("pdm-classifier", "2"),
+    }

@@ -4,6 +4,7 @@ errors, picking the profile for a machine and the artifact for a profile."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 
@@ -316,3 +317,36 @@ def test_no_fitting_artifact_says_why_for_each() -> None:
     other = [_artifact("model.int8.tflite", "int8", 10, ("rpi4-aarch64",))]
     with pytest.raises(ProfileError, match=r"not built for profile rpi3-armv7l"):
         select_artifact(load_profile("rpi3-armv7l"), other)
+
+
+# --- fleet profiles list ----------------------------------------------------------------------
+
+
+def test_fleet_profiles_list(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli import main
+
+    assert main(["profiles", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "name", "arch", "cores", "ram", "MiB", "runtimes", "preferred", "threads", "budget", "ms",
+        "max", "model",
+    ]  # fmt: skip
+    assert [line.split()[0] for line in lines[1:]] == list(load_profiles())
+    assert lines[2].split() == [
+        "rpi3-armv7l", "armv7l", "4", "512", "litert", "tflite", "int8", "1", "50", "4", "MiB",
+    ]  # fmt: skip
+    assert main(["profiles", "list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == [json.loads(json.dumps(dataclasses.asdict(p))) for p in load_profiles().values()]
+
+
+def test_fleet_profiles_list_names_a_bad_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleet.cli import main
+
+    (tmp_path / "x.toml").write_bytes(_with(preferred_format="savedmodel"))
+    assert main(["profiles", "list", "--dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"fleet: error: {tmp_path / 'x.toml'}: field 'preferred_format' is 'savedmodel'"
+    )
