@@ -52,7 +52,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 128
     learning_rate: float = 0.01
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-3
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -162,7 +162,8 @@ def _matrix(name: str, value: Any) -> np.ndarray:
         raise GoldenSetError(f"golden {name} must be a non-empty 2-D array, got {value.shape}")
     if value.dtype.kind not in "fiu":
         raise GoldenSetError(f"golden {name} must be numeric, got dtype {value.dtype}")
-    arr = np.array(value, dtype=np.float32)  # a private copy, read-only below
+    with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
+        arr = np.array(value, dtype=np.float32)  # a private copy, read-only below
     if not np.all(np.isfinite(arr)):
         raise GoldenSetError(f"golden {name} hold NaN or infinity (or overflow float32)")
     arr.flags.writeable = False
