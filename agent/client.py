@@ -116,4 +116,3 @@ class AgentClient:
             message = payload.get("error") if isinstance(payload, dict) else None
             raise AgentClientError(response.status, str(message or response.reason))
         return payload
-

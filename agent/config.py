@@ -17,6 +17,7 @@ a typo is not silently ignored) and writes it atomically. It does not enroll (th
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -38,6 +39,15 @@ NAN_POLICIES = ("reject", "allow")
 
 class ConfigError(AgentError):
     """``agent.toml`` is missing, unreadable or malformed; the message says what to do."""
+
+
+def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--state-dir`` option every ``edge-agent`` command that touches the state takes."""
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help=f"the agent's state directory (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
+    )
 
 
 def resolve_state_dir(arg: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:

@@ -1,0 +1,394 @@
+"""The local inference service: the active model, input validation, counters, drift feeding.
+
+:class:`InferenceService` holds the active model as one immutable :class:`LoadedModel` (runtime,
+release, drift accumulator, its own counters) and swaps it by replacing one reference, so an
+update (issue 5) changes models without failing a request: a request that picked up the old model
+finishes on it, and :meth:`InferenceService.retire` closes the old runtime only once its last
+request is done.
+
+``predict`` validates the batch (2-D, the model's feature count, numbers only, finite unless the
+NaN policy allows otherwise, at most ``max_rows``), runs the runtime, takes the argmax, feeds the
+drift accumulator and records counts and latency. Bad input raises :class:`InputError` carrying
+the HTTP status that describes it (400, 413, 422); no model raises :class:`NoModelError` (503).
+
+It does not speak HTTP (:mod:`agent.http_server`), choose or verify artifacts (:mod:`agent.slots`
+and the installers), or close drift windows on a schedule (:mod:`agent.main`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from agent.errors import AgentError, ModelLoadError
+from agent.latency import BUCKETS, LatencyRecorder, LatencyStats
+from agent.runtimes import Runtime, load_runtime
+from agent.slots import InstalledRelease, Release
+from protocol.reference import ReferenceProfile
+
+NAN_POLICIES = ("reject", "allow")
+_F32 = np.dtype(np.float32)
+_NUMBER_TYPES = {int, float}
+_MAX_ROWS_NAMED = 10  # an error names at most this many offending rows
+T = TypeVar("T")
+
+
+class InputError(AgentError):
+    """A batch the model cannot take; ``status`` is the HTTP status that says so."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class NoModelError(AgentError):
+    """No model is active on this device (HTTP 503)."""
+
+    status = 503
+
+
+class DriftSink(Protocol):
+    """What the service feeds every served batch to (``agent.drift.DriftAccumulator``)."""
+
+    def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None: ...
+
+
+DriftFactory = Callable[[ReferenceProfile], DriftSink]
+
+
+@dataclass
+class ModelStats:
+    """Counters of one loaded model, guarded by ``lock`` (the service holds it briefly)."""
+
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    requests: int = 0  # served batches
+    rows: int = 0
+    rejected: int = 0  # batches refused for bad input (4xx)
+    errors: int = 0  # batches the runtime failed on (5xx)
+    latency: LatencyRecorder = field(default_factory=LatencyRecorder)
+    in_flight: int = 0
+    retiring: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """One model ready to serve: swapped as a whole, never modified in place."""
+
+    installed: InstalledRelease
+    runtime: Runtime
+    drift: DriftSink | None
+    loaded_at: float  # wall clock
+    stats: ModelStats = field(default_factory=ModelStats)
+
+    @property
+    def release(self) -> Release:
+        return self.installed.release
+
+    @property
+    def n_features(self) -> int:
+        return len(self.installed.release.feature_names)
+
+
+def load_model(
+    installed: InstalledRelease,
+    threads: int,
+    drift_factory: DriftFactory | None = None,
+    now: float | None = None,
+) -> LoadedModel:
+    """Load a slot's artifact in its runtime (and a drift accumulator on its reference profile).
+
+    Raises :class:`~agent.errors.ModelLoadError` when the artifact does not fit the release's
+    feature and class counts.
+    """
+    release = installed.release
+    path = installed.artifact_path
+    drift = None
+    if drift_factory is not None:
+        reference = ReferenceProfile.from_json(installed.file(release.reference).read_bytes())
+        if reference.n_features != len(release.feature_names):
+            raise ModelLoadError(
+                installed.file(release.reference),
+                f"reference profile has {reference.n_features} features, the release "
+                f"{len(release.feature_names)}; reinstall the model",
+            )
+        drift = drift_factory(reference)
+    runtime = load_runtime(path, release.runtime, threads)
+    widths = (runtime.input.shape[1], runtime.output.shape[1])
+    if widths != (len(release.feature_names), len(release.class_names)):
+        runtime.close()
+        raise ModelLoadError(
+            path,
+            f"model takes {widths[0]} features and gives {widths[1]} outputs, release.json says "
+            f"{len(release.feature_names)} and {len(release.class_names)}; reinstall the model",
+        )
+    return LoadedModel(installed, runtime, drift, time.time() if now is None else now)
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    outputs: np.ndarray  # (rows, classes) float32
+    predicted: np.ndarray  # (rows,) argmax class ids
+    model_name: str
+    model_version: int
+    class_names: tuple[str, ...]
+
+    @property
+    def classes(self) -> list[str]:
+        names = self.class_names
+        return [names[i] for i in self.predicted.tolist()]
+
+
+@dataclass(frozen=True)
+class InferenceStats:
+    """Totals since the agent started (all models) and the active model's recent latency."""
+
+    requests: int
+    rows: int
+    rejected: int
+    errors: int
+    latency_count: int
+    latency_seconds_total: float
+    latency_buckets: tuple[tuple[float, int], ...]  # cumulative, Prometheus ``le``
+    p50: float | None  # seconds, over the active model's recent requests
+    p95: float | None
+    p99: float | None
+
+
+def _bad_rows(mask: np.ndarray) -> str:
+    rows = np.flatnonzero(mask)
+    named = ", ".join(str(r) for r in rows[:_MAX_ROWS_NAMED].tolist())
+    more = f" and {len(rows) - _MAX_ROWS_NAMED} more" if len(rows) > _MAX_ROWS_NAMED else ""
+    return f"row{'s' if len(rows) > 1 else ''} {named}{more}"
+
+
+def batch_from_json(inputs: object) -> np.ndarray:
+    """The ``inputs`` of a JSON request (a list of rows of numbers) as an array.
+
+    Refuses (400) anything that is not a non-empty list of equally long lists of numbers:
+    strings, booleans and nulls are not numbers here.
+    """
+    if not isinstance(inputs, list) or not inputs:
+        raise InputError(
+            400, '"inputs" must be a non-empty list of rows, e.g. {"inputs": [[0.1, 0.2, ...]]}'
+        )
+    try:
+        # map/set run in C: a type check of every value costs far less than parsing the JSON
+        if set(map(type, chain.from_iterable(inputs))) <= _NUMBER_TYPES:
+            return np.asarray(inputs, dtype=_F32)
+    except (TypeError, ValueError):  # a row that is not a list; ragged rows
+        pass
+    for i, row in enumerate(inputs):
+        if not isinstance(row, list):
+            raise InputError(400, f'"inputs" row {i} is not a list of numbers')
+        for j, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InputError(
+                    400,
+                    f'"inputs" row {i} column {j} is {type(value).__name__} {value!r}; only '
+                    "numbers are allowed",
+                )
+    lengths = sorted({len(row) for row in inputs if isinstance(row, list)})
+    raise InputError(400, f'"inputs" rows have different lengths {lengths}; send equal rows')
+
+
+class InferenceService:
+    """Serves the active model; safe to call from many threads."""
+
+    def __init__(self, nan_policy: str = "reject", max_rows: int = 4096) -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy {nan_policy!r}: use one of {', '.join(NAN_POLICIES)}")
+        self.nan_policy = nan_policy
+        self.max_rows = max_rows
+        self._model: LoadedModel | None = None
+        self._lock = threading.Lock()  # swaps, retired totals, counts without a model
+        self._no_model = 0
+        self._retired = [0, 0, 0, 0, 0]  # requests, rows, rejected, errors, latency count
+        self._retired_seconds = 0.0
+        self._retired_buckets = [0] * len(BUCKETS)
+
+    # --- the model ---------------------------------------------------------------------------
+
+    def current(self) -> LoadedModel | None:
+        return self._model
+
+    def swap(self, model: LoadedModel | None) -> LoadedModel | None:
+        """Make ``model`` the one new requests get; returns the previous one (still open —
+        pass it to :meth:`retire`)."""
+        with self._lock:
+            old, self._model = self._model, model
+        return old
+
+    def retire(self, model: LoadedModel, timeout: float = 10.0) -> bool:
+        """Close a swapped-out model once its in-flight requests are done (at most ``timeout``
+        seconds); its counts join the totals. False if requests were still running."""
+        st = model.stats
+        with st.lock:
+            st.retiring = True
+            drained = st.lock.wait_for(lambda: st.in_flight == 0, timeout)
+            stats = st.latency.stats()
+            with self._lock:
+                for i, v in enumerate((st.requests, st.rows, st.rejected, st.errors, stats.count)):
+                    self._retired[i] += v
+                self._retired_seconds += stats.total_seconds
+                for i, (_, c) in enumerate(stats.buckets):
+                    self._retired_buckets[i] += c
+            st.requests = st.rows = st.rejected = st.errors = 0
+            st.latency = LatencyRecorder()
+        model.runtime.close()
+        return drained
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving and close the model's runtime."""
+        old = self.swap(None)
+        if old is not None:
+            self.retire(old, timeout)
+
+    def with_drift(self, fn: Callable[[DriftSink], T]) -> T | None:
+        """Run ``fn`` on the active model's drift accumulator while no request is adding to it
+        (closing a window); None when there is no model or no accumulator."""
+        model = self._model
+        if model is None or model.drift is None:
+            return None
+        with model.stats.lock:
+            return fn(model.drift)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def _enter(self) -> LoadedModel:
+        while True:
+            model = self._model
+            if model is None:
+                with self._lock:
+                    self._no_model += 1
+                raise NoModelError(
+                    "no model is installed on this device yet; install one with `edge-agent "
+                    "model install BUNDLE_DIR`, or wait for the fleet's first release"
+                )
+            st = model.stats
+            with st.lock:
+                if not st.retiring:
+                    st.in_flight += 1
+                    return model
+            # swapped out a moment ago: the new model is already in self._model
+
+    def _leave(self, model: LoadedModel, counter: str) -> None:
+        st = model.stats
+        with st.lock:
+            setattr(st, counter, getattr(st, counter) + 1)
+            st.in_flight -= 1
+            if st.retiring and not st.in_flight:
+                st.lock.notify_all()
+
+    def _validate(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        if not isinstance(batch, np.ndarray):
+            raise InputError(400, f"batch is a {type(batch).__name__}; pass rows of numbers")
+        n = model.n_features
+        shape = batch.shape
+        if len(shape) != 2 or shape[1] != n:
+            raise InputError(
+                400,
+                f"inputs have shape {list(shape)}; model {model.release.name} "
+                f"v{model.release.version} takes rows of {n} features: [rows, {n}]",
+            )
+        if not shape[0]:
+            raise InputError(400, "inputs hold no rows; send at least one row")
+        if shape[0] > self.max_rows:
+            raise InputError(
+                413,
+                f"batch of {shape[0]} rows is over the limit of {self.max_rows}; "
+                "split it into smaller batches",
+            )
+        if batch.dtype is not _F32:
+            if batch.dtype.kind not in "fiu":
+                raise InputError(400, f"inputs are {batch.dtype}, not numbers")
+            batch = batch.astype(_F32)
+        if self.nan_policy == "reject" and not np.isfinite(batch).all():
+            bad = ~np.isfinite(batch).all(axis=1)
+            raise InputError(
+                422,
+                f"{_bad_rows(bad)} of the batch hold NaN or infinite values, which this "
+                "device's policy rejects; drop or impute them before sending",
+            )
+        return batch
+
+    def predict(self, batch: np.ndarray) -> InferenceResult:
+        """Run ``batch`` [rows, features] through the active model."""
+        start = time.perf_counter()
+        model = self._enter()
+        try:
+            x = self._validate(model, batch)
+        except InputError:
+            self._leave(model, "rejected")
+            raise
+        try:
+            outputs = model.runtime.predict(x)
+        except Exception:
+            self._leave(model, "errors")
+            raise
+        predicted = outputs.argmax(axis=1)
+        st = model.stats
+        with st.lock:
+            if model.drift is not None:
+                model.drift.add(x, predicted)
+            st.requests += 1
+            st.rows += x.shape[0]
+            st.in_flight -= 1
+            st.latency.record(time.perf_counter() - start)
+            if st.retiring and not st.in_flight:
+                st.lock.notify_all()
+        release = model.installed.release
+        return InferenceResult(
+            outputs, predicted, release.name, release.version, release.class_names
+        )
+
+    def predict_json(self, inputs: object) -> InferenceResult:
+        """``predict`` for the ``inputs`` of a JSON request (see :func:`batch_from_json`)."""
+        try:
+            batch = batch_from_json(inputs)
+        except InputError:
+            model = self._model
+            if model is not None:
+                with model.stats.lock:
+                    model.stats.rejected += 1
+            raise
+        return self.predict(batch)
+
+    # --- figures ------------------------------------------------------------------------------
+
+    def stats(self) -> InferenceStats:
+        model = self._model
+        # lock order as in retire(): the model's, then the service's, so a model retired
+        # meanwhile is counted exactly once
+        st = model.stats if model is not None else ModelStats()
+        with st.lock, self._lock:
+            requests, rows, rejected, errors, count = self._retired
+            seconds = self._retired_seconds
+            buckets = list(self._retired_buckets)
+            rejected += self._no_model
+            requests += st.requests
+            rows += st.rows
+            rejected += st.rejected
+            errors += st.errors
+            latency: LatencyStats | None = st.latency.stats() if model is not None else None
+        if latency is not None:
+            count += latency.count
+            seconds += latency.total_seconds
+            buckets = [b + c for b, (_, c) in zip(buckets, latency.buckets, strict=True)]
+        return InferenceStats(
+            requests=requests,
+            rows=rows,
+            rejected=rejected,
+            errors=errors,
+            latency_count=count,
+            latency_seconds_total=seconds,
+            latency_buckets=tuple(zip(BUCKETS, buckets, strict=True)),
+            p50=latency.p50 if latency else None,
+            p95=latency.p95 if latency else None,
+            p99=latency.p99 if latency else None,
+        )
