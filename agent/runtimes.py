@@ -186,18 +186,18 @@ class OnnxRuntime:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` (rows, features) through the model; returns (rows, classes)."""
-        if (
-            batch.__class__ is not _NDARRAY
-            or batch.dtype is not _F32
-            or batch.ndim != 2
-            or batch.shape[1] != self._features
-        ):
+        if batch.__class__ is not _NDARRAY or batch.dtype is not _F32:
             batch = _coerce(self, batch, self._features)
-        if self._fixed_rows is not None and batch.shape[0] != self._fixed_rows:
-            raise _rows_error(self, batch.shape[0], self._fixed_rows)
+        else:
+            shape = batch.shape  # a new tuple on every access: fetch it once
+            if len(shape) != 2 or shape[1] != self._features:
+                _coerce(self, batch, self._features)  # raises, saying what is wrong
         try:
             return self._session.run(self._output_names, {self._input_name: batch})[0]
         except Exception as exc:
+            # A fixed-batch model refuses other batch sizes itself; say so in our words.
+            if self._fixed_rows is not None and batch.shape[0] != self._fixed_rows:
+                raise _rows_error(self, batch.shape[0], self._fixed_rows) from None
             raise _inference_error(self, self._session is None, exc) from exc
 
     def close(self) -> None:
@@ -252,38 +252,48 @@ class LiteRtRuntime:
         self._fixed_rows = self.input.shape[0]  # None: any batch size
         self._allocated_rows = int(input_details[0]["shape"][0])  # the batch size tensors fit now
         self._lock = threading.Lock()
+        # Bound once: on a small model each attribute lookup is a visible share of a call.
+        self._acquire, self._release = self._lock.acquire, self._lock.release
+        self._set_tensor = interpreter.set_tensor
+        self._invoke = interpreter.invoke
+        self._get_tensor = interpreter.get_tensor
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` (rows, features) through the model; returns (rows, classes)."""
-        if (
-            batch.__class__ is not _NDARRAY
-            or batch.dtype is not _F32
-            or batch.ndim != 2
-            or batch.shape[1] != self._features
-        ):
+        if batch.__class__ is not _NDARRAY or batch.dtype is not _F32:
             batch = _coerce(self, batch, self._features)
-        rows = batch.shape[0]
-        if self._fixed_rows is not None and rows != self._fixed_rows:
-            raise _rows_error(self, rows, self._fixed_rows)
-        with self._lock:
-            interpreter = self._interpreter
-            try:
-                if rows != self._allocated_rows:
-                    if not rows:  # LiteRT cannot size a tensor to 0 rows
-                        return np.empty((0, self._classes), dtype=_F32)
-                    interpreter.resize_tensor_input(self._input_index, (rows, self._features))
-                    interpreter.allocate_tensors()
-                    self._allocated_rows = rows
-                interpreter.set_tensor(self._input_index, batch)
-                interpreter.invoke()
-                return interpreter.get_tensor(self._output_index)
-            except Exception as exc:
-                self._allocated_rows = -1  # resize again on the next call
-                raise _inference_error(self, interpreter is None, exc) from exc
+        shape = batch.shape  # a new tuple on every access: fetch it once
+        if len(shape) != 2 or shape[1] != self._features:
+            _coerce(self, batch, self._features)  # raises, saying what is wrong
+        rows = shape[0]
+        self._acquire()  # acquire/release, not `with`: measurably cheaper per call
+        try:
+            if rows != self._allocated_rows:  # rare: the batch size changed
+                if self._fixed_rows is not None and rows != self._fixed_rows:
+                    raise _rows_error(self, rows, self._fixed_rows)
+                if not rows:  # LiteRT cannot size a tensor to 0 rows
+                    return np.empty((0, self._classes), dtype=_F32)
+                self._resize(rows)
+            self._set_tensor(self._input_index, batch)
+            self._invoke()
+            return self._get_tensor(self._output_index)
+        except BatchError:
+            raise
+        except Exception as exc:
+            self._allocated_rows = -1  # resize again on the next call
+            raise _inference_error(self, self._interpreter is None, exc) from exc
+        finally:
+            self._release()
+
+    def _resize(self, rows: int) -> None:
+        self._interpreter.resize_tensor_input(self._input_index, (rows, self._features))
+        self._interpreter.allocate_tensors()
+        self._allocated_rows = rows
 
     def close(self) -> None:
         with self._lock:
             self._interpreter = None
+            self._set_tensor = self._invoke = self._get_tensor = _closed
 
     def __enter__(self) -> LiteRtRuntime:
         return self
@@ -428,6 +438,10 @@ def _rows_error(rt: Runtime, rows: int, fixed: int) -> BatchError:
     return BatchError(
         f"{rt.path.name}: batch has {rows} rows; this model takes exactly {fixed} per call"
     )
+
+
+def _closed(*args: object) -> Any:
+    raise InferenceError("the model was closed")  # predict turns this into the full message
 
 
 def _inference_error(rt: Runtime, closed: bool, exc: Exception) -> InferenceError:

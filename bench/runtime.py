@@ -146,24 +146,26 @@ def bench_artifact(path: Path, runtime: str, threads: int, rounds: int) -> Resul
 
 
 _RSS_CHILD = """
-import resource, sys
+import sys
 import numpy as np
 if sys.argv[1] != "-":
     from agent.runtimes import load_runtime
-    rt = load_runtime(sys.argv[1], "litert", int(sys.argv[2]))
+    rt = load_runtime(sys.argv[1], sys.argv[3], int(sys.argv[2]))
     x = np.zeros((1, rt.input.shape[1]), np.float32)
     for _ in range(1000):
         rt.predict(x)
     x = np.zeros((64, rt.input.shape[1]), np.float32)
     for _ in range(100):
         rt.predict(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+# VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's peak over exec)
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))  # kB
 """
 
 
-def peak_rss_mib(model: Path | None, threads: int) -> float:
+def peak_rss_mib(model: Path | None, runtime: str, threads: int) -> float:
+    """Peak RSS of a fresh process that serves ``model`` (or, for None, only imports numpy)."""
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, str(model) if model else "-", str(threads)],
+        [sys.executable, "-c", _RSS_CHILD, str(model) if model else "-", str(threads), runtime],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -231,16 +233,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    tflite = next((p for p, rt in artifacts if rt == "litert"), None)
-    if tflite is not None:
-        floor = peak_rss_mib(None, threads)
-        served = peak_rss_mib(tflite, threads)
-        print()
-        print(f"peak RSS, python + numpy only:                    {floor:6.1f} MiB")
-        print(
-            f"peak RSS, LiteRT serving {tflite.name} via agent.runtimes: {served:6.1f} MiB "
-            f"(+{served - floor:.1f} MiB; agent target <= 64 MiB total)"
-        )
+    print()
+    floor = peak_rss_mib(None, "-", threads)
+    print("peak RSS of a fresh process (VmHWM), 1,000 batch-1 + 100 batch-64 predicts:")
+    print(f"  {'python + numpy only':<44} {floor:6.1f} MiB")
+    for runtime in ("litert", "onnxruntime"):
+        path = next((p for p, rt in artifacts if rt == runtime), None)
+        if path is not None:
+            rss = peak_rss_mib(path, runtime, threads)
+            print(f"  {runtime + ' serving ' + path.name:<44} {rss:6.1f} MiB (+{rss - floor:.1f})")
+    print("  (agent target on LiteRT: <= 64 MiB in total)")
     return 0
 
 
