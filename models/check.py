@@ -2,17 +2,19 @@
 
 ``check_bundle(directory)`` reads the bundle, verifies each listed file's sha256 and length with
 :func:`protocol.bundle.check_file`, refuses files the metadata does not list, parses the
-reference profile and golden sets, then loads each artifact in its runtime (through a
-``Runner``, by default the bare runtimes of :mod:`models.runners`) and replays its golden set.
+reference profile and golden sets, then loads each artifact in its runtime through a ``Runner``
+and replays its golden set. The default runner is the bare runtimes of :mod:`models.runners`;
+``fleet models check`` passes one built on the agent's runtime layer (``agent.runtimes``), which
+also holds each model's own signature against the bundle's.
 It collects every problem instead of stopping at the first, so one run says all that is wrong.
 It prints nothing; ``fleet models check`` renders the result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -22,8 +24,22 @@ from protocol.errors import ProtocolError
 from protocol.golden import GoldenSet, check_golden
 from protocol.reference import ReferenceProfile
 
-# (runtime, model bytes, inputs [n, F]) -> probabilities [n, C]
-Runner = Callable[[str, bytes, np.ndarray], np.ndarray]
+
+class Runner(Protocol):
+    """Run the model file at ``path`` in ``runtime`` on ``inputs`` [n, F]: probabilities [n, C].
+
+    Raises ``ValueError``, ``RuntimeError`` or ``OSError`` (with a message saying why) when the
+    model cannot be loaded or run; the check reports it as the artifact's failure.
+    """
+
+    def __call__(
+        self, runtime: str, path: Path, inputs: np.ndarray, meta: BundleMetadata
+    ) -> np.ndarray: ...
+
+
+def bare_runner(runtime: str, path: Path, inputs: np.ndarray, meta: BundleMetadata) -> np.ndarray:
+    """The runtime library itself, without the agent's layer (:func:`models.runners.predict`)."""
+    return runners.predict(runtime, path.read_bytes(), inputs)
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,7 @@ class BundleCheck:
         return not self.problems and all(a.passed for a in self.artifacts)
 
 
-def check_bundle(directory: Path, runner: Runner = runners.predict) -> BundleCheck:
+def check_bundle(directory: Path, runner: Runner = bare_runner) -> BundleCheck:
     """Check the bundle in ``directory``; never raises for a bad bundle, reports instead."""
     try:
         meta = parse_bundle((directory / METADATA_FILE).read_bytes())
@@ -95,7 +111,7 @@ def check_bundle(directory: Path, runner: Runner = runners.predict) -> BundleChe
                 )
             )
             continue
-        results.append(_replay(meta, art.file, art.golden, blobs, runner, base))
+        results.append(_replay(meta, directory, art.file, art.golden, blobs, runner, base))
     return BundleCheck(directory, meta, len(meta.files), tuple(problems), tuple(results))
 
 
@@ -114,6 +130,7 @@ def _reference_problems(meta: BundleMetadata, data: bytes) -> list[str]:
 
 def _replay(
     meta: BundleMetadata,
+    directory: Path,
     file: str,
     golden_file: str,
     blobs: dict[str, bytes],
@@ -141,8 +158,8 @@ def _replay(
             golden.n,
         )
     try:
-        outputs = runner(base["runtime"], blobs[file], golden.inputs)
-    except runners.RunnerError as exc:
+        outputs = runner(base["runtime"], directory / file, golden.inputs, meta)
+    except (ValueError, RuntimeError, OSError) as exc:  # RunnerError, the agent's errors, I/O
         return failed(str(exc), golden.n)
     result = check_golden(golden, outputs)
     return ArtifactCheck(

@@ -2,8 +2,9 @@
 
 ``fleet models build [--out DIR] [--version N]`` runs the deterministic recipe
 (:mod:`models.build`) for one or every version; ``fleet models check BUNDLE_DIR`` verifies every
-file's hash against ``bundle.json`` and replays each artifact's golden set in its runtime, prints
-a table, and exits 1 saying what failed.
+file's hash against ``bundle.json`` and replays each artifact's golden set through the agent's
+runtime layer (``agent.runtimes``, which also holds the model's signature to the bundle's),
+prints a table, and exits 1 saying what failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from protocol.bundle import BundleMetadata
 from protocol.cli import CommandError
 
 
@@ -69,13 +73,24 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_runner(runtime: str, path: Path, inputs: np.ndarray, meta: BundleMetadata) -> np.ndarray:
+    """Replay through the agent's runtime layer, as a device would (signature checked)."""
+    from agent.runtimes import load_runtime
+
+    rt = load_runtime(path, runtime, 1, expect_input=meta.input, expect_output=meta.output)
+    try:
+        return rt.predict(inputs)
+    finally:
+        rt.close()
+
+
 def _check(args: argparse.Namespace) -> int:
     from models.check import check_bundle
 
     directory: Path = args.bundle_dir
     if not directory.is_dir():
         raise CommandError(f"{directory} is not a directory; pass a bundle directory")
-    report = check_bundle(directory)
+    report = check_bundle(directory, runner=_agent_runner)
     meta = report.metadata
     title = f"{meta.name} v{meta.version}" if meta else "bundle"
     print(f"{title} in {directory}: {report.files_checked} files listed")

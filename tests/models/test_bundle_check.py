@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fleet.cli import main
-from models import build
+from models import build, mlp, quantize, tflite_export
 from models.check import check_bundle
 from protocol.bundle import METADATA_FILE, check_file, parse_bundle, sha256_hex
 from protocol.errors import BundleError
@@ -159,3 +159,26 @@ def test_malformed_bundle_json_and_bad_directory(
     assert "bundle.json" in capsys.readouterr().err
     assert main(["models", "check", str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_model_of_another_signature_is_refused_by_the_agent_runtime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a 4-feature network where the 24-feature one belongs, hashes re-signed
+    rng = np.random.default_rng(1)
+    tiny = mlp.MLP(
+        np.ones(4, np.float32),
+        np.zeros(4, np.float32),
+        (mlp.Dense(rng.normal(size=(4, 5)).astype(np.float32), np.zeros(5, np.float32), False),),
+    )
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    directory = _copy(1, tmp_path)
+    (directory / "model.int8.tflite").write_bytes(
+        tflite_export.build(tiny, quantize.plan(tiny, x), "other")
+    )
+    _rehash(directory)
+    assert main(["models", "check", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL model.int8.tflite:" in err and "signature does not match the bundle" in err
+    bare = {a.file: a for a in check_bundle(directory).artifacts}["model.int8.tflite"]
+    assert not bare.passed and "LiteRT could not run the model" in bare.reason
