@@ -275,6 +275,13 @@ def test_closed_runtime_says_so(onnx_path: Path, rows: np.ndarray) -> None:
         rt.predict(rows[:1])
     with pytest.raises(InferenceError, match=r"softmax\.onnx: the model was closed; load it"):
         rt.predict(rows[:1])
+    tflite = _first("litert")
+    with LiteRtRuntime(tflite, 1) as lite:
+        x = np.zeros((2, lite._features), np.float32)
+        lite.predict(x)
+    for batch in (x, x[:1]):  # same size, and a size that would resize
+        with pytest.raises(InferenceError, match=rf"{tflite.name}: the model was closed; load"):
+            lite.predict(batch)
 
 
 # --- bad files --------------------------------------------------------------------------------
@@ -562,3 +569,21 @@ def test_every_runtime_has_committed_artifacts() -> None:
         ("pdm-classifier", "1"),
         ("pdm-classifier", "2"),
     }
+
+
+def test_missing_runtime_packages_give_a_clear_error(
+    onnx_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An armv7l device has no onnxruntime; a device may lack LiteRT. A module set to None in
+    sys.modules is what Python's import system reports as not installed."""
+    from agent.errors import RuntimeUnavailableError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(RuntimeUnavailableError, match=r"onnxruntime is not installed on this "
+                       r"device .*use a \.tflite artifact with runtime 'litert'"):  # fmt: skip
+        load_runtime(onnx_path, "onnxruntime", 1)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
+    with pytest.raises(RuntimeUnavailableError, match=r"no LiteRT runtime is installed"):
+        load_runtime(_first("litert"), "litert", 1)
