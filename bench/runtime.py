@@ -137,10 +137,10 @@ def bench_artifact(path: Path, runtime: str, threads: int, rounds: int) -> Resul
     ours_us, bare_us = latency_us(ours.predict, bare1, x1, rounds, 200)
 
     bare64 = bare_predictor(path, runtime, threads, 64)
-    for _ in range(50):
+    for _ in range(200):
         ours.predict(x64)
         bare64(x64)
-    ours_rows, bare_rows = throughput(ours.predict, bare64, x64, rounds, 50)
+    ours_rows, bare_rows = throughput(ours.predict, bare64, x64, rounds, 300)
     ours.close()
     return Result(path.name, runtime, ours_us, bare_us, ours_rows, bare_rows)
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory")
     parser.add_argument("--model", type=Path, action="append", help="model file(s) instead")
     parser.add_argument("--threads", type=int, help="threads (default: this machine's profile)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per figure")
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per figure")
     args = parser.parse_args(argv)
 
     threads = args.threads or default_threads()
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             args.bundle.relative_to(REPO) if args.bundle.is_relative_to(REPO) else args.bundle
         )
     print(f"runtime benchmark: {source}; threads={threads}, rounds={args.rounds}")
-    print("batch-1: median µs of 200 x rounds single calls; batch-64: median rows/s of")
-    print("rounds x 50-call blocks. ratio = ours/bare (latency target <= 1.20; throughput >= 0.83)")
+    print("batch-1: median µs of rounds x 200 single calls; batch-64: median rows/s of rounds")
+    print("x 300-call blocks. ratio = ours/bare (latency target <= 1.20, throughput >= 0.83)")
     print()
     header = (
         f"{'artifact':<20} {'runtime':<12} {'b1 ours µs':>11} {'b1 bare µs':>11} {'ratio':>6} "
