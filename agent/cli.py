@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent import commands
+from agent.errors import AgentError
 from protocol.cli import run
 from protocol.errors import ProtocolError
 
@@ -15,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "edgefleet device agent",
         commands,
         argv,
-        expected=(ProtocolError, OSError),
+        expected=(ProtocolError, AgentError, OSError),
     )
 
 

@@ -16,12 +16,25 @@ import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 class CommandError(Exception):
     """A command cannot do what was asked; the message says why and what to do."""
+
+
+def command_group(subparsers: Any, name: str, help: str) -> Any:
+    """The ACTION subparsers of the group ``name`` (e.g. ``edge-agent model``), created on first
+    use: several command modules can add actions to one group without knowing each other."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help)
+        actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+        parser.set_defaults(_group_actions=actions)
+        return actions
+    return parser.get_default("_group_actions")
 
 
 def build_parser(prog: str, description: str, commands: ModuleType) -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.bundle_install import install_bundle
 from agent.config import (
     ConfigError,
     StatePaths,
@@ -24,12 +23,12 @@ from agent.errors import AgentError
 from agent.machine import probe
 from agent.slots import SLOTS, Slots
 from firmware_profiles import load_profile, load_profiles
-from protocol.cli import CommandError
+from protocol.cli import CommandError, command_group
 from protocol.profiles import FirmwareProfile, select_profile
 
 
 def register(subparsers: Any) -> None:
-    sub = _model_group(subparsers)
+    sub = command_group(subparsers, "model", "install, show and check models")
     install = sub.add_parser(
         "install",
         help="install a model bundle directory into the inactive slot and activate it",
@@ -56,19 +55,6 @@ def register(subparsers: Any) -> None:
     show.set_defaults(handler=run_show)
 
 
-def _model_group(subparsers: Any) -> Any:
-    """The ACTION subparsers of ``edge-agent model``, shared with :mod:`agent.commands.model`
-    (``model check``): join the group if that module registered it first."""
-    parser = subparsers.choices.get("model")
-    if parser is None:
-        parser = subparsers.add_parser("model", help="install, show and check models")
-        return parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    for action in parser._actions:  # argparse keeps a group's sub-commands in a private list
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("`edge-agent model` is registered without actions; cannot add `install`")
-
-
 def device_profile(state_dir: Path, name: str | None) -> FirmwareProfile:
     """``name`` if given, else the provisioned profile, else the one detected for this machine."""
     if name:
@@ -82,6 +68,8 @@ def device_profile(state_dir: Path, name: str | None) -> FirmwareProfile:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    from agent.bundle_install import install_bundle  # the runtimes only when installing
+
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     profile = device_profile(state_dir, args.profile)
     try:

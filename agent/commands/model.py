@@ -16,12 +16,12 @@ from typing import Any
 from agent.errors import AgentError
 from agent.runtimes import RUNTIMES, load_runtime, runtime_for_path
 from protocol.bundle import TensorSpec
-from protocol.cli import CommandError
+from protocol.cli import CommandError, command_group
 from protocol.golden import GoldenResult, GoldenSet, check_golden
 
 
 def register(subparsers: Any) -> None:
-    sub = _model_group(subparsers)
+    sub = command_group(subparsers, "model", "install, show and check models")
     check = sub.add_parser(
         "check",
         help="load a model, print its signature, replay a golden set",
@@ -39,19 +39,6 @@ def register(subparsers: Any) -> None:
     check.add_argument("--golden", type=Path, metavar="FILE", help="golden set to replay")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(handler=check_model)
-
-
-def _model_group(subparsers: Any) -> Any:
-    """The ACTION subparsers of ``edge-agent model``, which :mod:`agent.commands.install`
-    (``model install``/``model show``) registers too: join the group if it already exists."""
-    parser = subparsers.choices.get("model")
-    if parser is None:
-        parser = subparsers.add_parser("model", help="install, show and check models")
-        return parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    for action in parser._actions:  # argparse keeps a group's sub-commands in a private list
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("`edge-agent model` is registered without actions; cannot add `check`")
 
 
 def check_model(args: argparse.Namespace) -> int:
