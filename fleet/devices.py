@@ -184,7 +184,7 @@ class DeviceRegistry:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT count(*) FROM {TABLE} {clause}", params).fetchone()[0]
         rows = self.db.query(
-            f"SELECT * FROM {TABLE} {clause} ORDER BY enrolled_at, id LIMIT ? OFFSET ?",
+            f"SELECT * FROM {TABLE} {clause} ORDER BY enrolled_at, rowid LIMIT ? OFFSET ?",
             [*params, query.limit, query.offset],
         )
         return Page(tuple(_device(r) for r in rows), int(total), query.limit, query.offset)

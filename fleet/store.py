@@ -222,9 +222,10 @@ def migrate(
             f"{', '.join(f'{n:04d}' for n in newer)}); upgrade edgefleet, or point data_dir at "
             "another database"
         )
-    db.table(MIGRATIONS_TABLE).create(
-        {"number": int, "name": str, "applied_at": str}, pk="number", if_not_exists=True
-    )
+    with immediate(db):  # a deferred transaction could lose the lock race to another starter
+        db.table(MIGRATIONS_TABLE).create(
+            {"number": int, "name": str, "applied_at": str}, pk="number", if_not_exists=True
+        )
     done: list[Migration] = []
     # SQLite cannot switch foreign keys inside a transaction, and table rebuilds (sqlite-utils'
     # transform) must run with them off; each migration ends with a foreign_key_check instead.

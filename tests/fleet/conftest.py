@@ -1,30 +1,29 @@
 """Fixtures for the fleet manager: settings on a temp data dir, a steppable clock, a real TUF
-repository, the app, and the app served by uvicorn on a free loopback port (real HTTP)."""
+repository, the app, and the app served by uvicorn on a free loopback port (real HTTP).
+
+Test modules cannot import this file (pytest's importlib mode); what they need beyond fixtures
+lives in importable modules (:mod:`fleet.server`)."""
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from securesystemslib.signer import CryptoSigner
 
 from fleet.app import create_app
 from fleet.audit import Actor
+from fleet.server import BackgroundServer
 from fleet.settings import ENV_PREFIX, FleetSettings, load_settings
 from fleet.store import connect, migrate
 from fleet.tokens import Role, TokenService
 from fleet.tuf_repo import ONLINE_ROLES, TufRepository
-from simulators.broker import free_port
 
 START = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -75,43 +74,11 @@ def app(settings: FleetSettings, clock: SteppingClock) -> FastAPI:
     return create_app(settings, clock=clock)
 
 
-@dataclass
-class LiveServer:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-def serve(app: FastAPI, timeout: float = 10.0) -> LiveServer:
-    """Run ``app`` under uvicorn in a thread on a free port; returns once it accepts requests."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    return LiveServer(f"http://127.0.0.1:{port}", server, thread)
-
-
-def stop(live: LiveServer) -> None:
-    live.server.should_exit = True
-    live.thread.join(10)
-
-
 @pytest.fixture
 def live(app: FastAPI) -> Iterator[str]:
     """The app on real HTTP: its base URL."""
-    running = serve(app)
-    try:
-        yield running.url
-    finally:
-        stop(running)
+    with BackgroundServer(app) as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -147,15 +114,16 @@ def mint(settings: FleetSettings, app: FastAPI) -> Mint:
 @pytest.fixture
 def launch() -> Iterator[Launch]:
     """``launch(app)``: serve another app on real HTTP for the test; returns its URL."""
-    running: list[LiveServer] = []
+    running: list[BackgroundServer] = []
 
     def start(app: FastAPI) -> str:
-        running.append(serve(app))
+        running.append(BackgroundServer(app))
+        running[-1].start()
         return running[-1].url
 
     yield start
-    for item in running:
-        stop(item)
+    for server in running:
+        server.stop()
 
 
 @pytest.fixture
