@@ -38,3 +38,37 @@ class DesiredDocumentError(ProtocolError):
 
     def __reduce__(self) -> tuple[type["DesiredDocumentError"], tuple[str, str]]:
         return (type(self), (self.reason, self.detail))
+
+
+# --- MQTT topics and device reports (protocol.topics, protocol.messages) ------------------------
+
+
+class DeviceIdError(ProtocolError):
+    """A device id does not match ``[a-z0-9-]{1,64}`` (see :mod:`protocol.topics`)."""
+
+
+class TopicError(ProtocolError):
+    """A string is not one of the edgefleet device topics (see :mod:`protocol.topics`)."""
+
+
+class MessageError(ProtocolError):
+    """A report envelope or body has a missing, unknown or wrongly typed field, or a value out
+    of range. Raised when building a report on the device and when parsing one."""
+
+
+class MessageRejected(ProtocolError):
+    """An incoming device message is dropped; ``reason`` is the counter to bump.
+
+    ``reason`` is one of :class:`protocol.messages.RejectReason`'s values: ``oversized``,
+    ``malformed`` (not UTF-8 JSON, or not an object), ``schema`` (wrong or missing fields,
+    wrong types, unknown envelope version), ``wrong_device`` (the envelope's device is not the
+    topic's) or ``unknown_topic``. ``detail`` says what exactly was wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"message rejected ({reason}): {detail}")
+
+    def __reduce__(self) -> tuple[type["MessageRejected"], tuple[str, str]]:
+        return (type(self), (self.reason, self.detail))
