@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 # attributes every LogRecord has; anything else on a record came in through ``extra=``
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# uvicorn's ANSI-coloured duplicate of ``msg``
+_DROPPED = frozenset({"color_message"})
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -30,7 +32,12 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_") and key not in doc:
+            if (
+                key not in _STANDARD
+                and key not in _DROPPED
+                and not key.startswith("_")
+                and key not in doc
+            ):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)

@@ -89,6 +89,21 @@ class LimitsSettings(_Group):
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
 
 
+class IngestSettings(_Group):
+    """MQTT telemetry ingestion (:mod:`fleet.ingest`), run inside ``fleet serve`` when enabled.
+
+    The subscriber's client id is ``{mqtt.client_id}-ingest-{worker}``: keep ``worker`` stable
+    across restarts (the broker keeps the session's queued messages under that id) and give
+    each worker process its own. Workers split the load through ``mqtt.shared_group``.
+    """
+
+    enabled: bool = False
+    worker: str = Field(default="0", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    shared: bool = True  # $share/{group}/... subscriptions; False: plain (one worker only)
+    batch_max: int = Field(default=100, ge=1, le=10_000)  # <= the broker's max_inflight
+    batch_wait_ms: int = Field(default=20, ge=0, le=10_000)
+
+
 class _ConfigFileSource(InitSettingsSource):
     """The TOML config file, read strictly: a named file that is missing or broken is an error."""
 
@@ -124,13 +139,18 @@ class FleetSettings(BaseSettings):
     data_dir: Path = Path("edgefleet-data")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    public_base_url: str = Field(default="http://127.0.0.1:8080", pattern=r"^https?://[^\s/]+")
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+",
+        description="the URL devices reach the fleet at (default http://HOST:PORT)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     metrics_auth: Literal["none", "viewer"] = "none"
     broker: BrokerSettings = BrokerSettings()
     mqtt: MqttSettings = MqttSettings()
     limits: LimitsSettings = LimitsSettings()
+    ingest: IngestSettings = IngestSettings()
     timestamp_expiry: Duration = timedelta(days=1)
     device_auth_max_skew: Duration = timedelta(minutes=5)
     db_busy_timeout_ms: int = Field(default=10_000, ge=0)
@@ -155,8 +175,11 @@ class FleetSettings(BaseSettings):
         if self.environment != "production":
             return self
         problems = []
-        if not self.public_base_url.startswith("https://"):
-            problems.append("public_base_url must be https:// (devices download models from it)")
+        if not (self.public_base_url or "").startswith("https://"):
+            problems.append(
+                "public_base_url must be set to the https:// URL devices reach "
+                "(they download models from it)"
+            )
         if not self.broker.tls:
             problems.append("broker.tls must be true (devices send credentials to the broker)")
         if not self.mqtt.tls:
@@ -176,6 +199,15 @@ class FleetSettings(BaseSettings):
                 + ' (or set environment = "development" for a local setup)'
             )
         return self
+
+    @property
+    def base_url(self) -> str:
+        """The fleet's URL as devices are told it (no trailing slash)."""
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
 
     @property
     def db_path(self) -> Path:

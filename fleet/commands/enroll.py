@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from fleet.cli_support import add_config_flag, cli_actor, database, domain_errors, settings_from
 from fleet.enrollment import EnrollmentService, EnrollmentTokenSpec
 from fleet.settings import parse_duration
+from protocol.cli import CommandError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,7 +51,7 @@ def create_token(args: argparse.Namespace) -> int:
     try:
         expires_in = parse_duration(args.expires)
     except ValueError as exc:
-        raise SystemExit(f"fleet enroll-token create: --expires: {exc}") from None
+        raise CommandError(f"--expires: {exc}") from None
     spec = EnrollmentTokenSpec(
         uses=args.uses,
         expires_in=expires_in,
@@ -76,14 +77,14 @@ def list_tokens(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     with database(settings_from(args)) as db:
         tokens = EnrollmentService(db).list_tokens(usable_at=now if args.usable else None)
-    print(f"{'ID':<17} {'USES':<11} {'EXPIRES':<17} {'STATE':<8} {'GROUP':<12} TAGS")
+    print(f"{'ID':<17} {'USES':<11} {'EXPIRES (UTC)':<18} {'STATE':<8} {'GROUP':<12} TAGS")
     for t in tokens:
         state = "revoked" if t.revoked_at else "usable" if t.usable(now) else "spent"
         if not t.revoked_at and now >= t.expires_at:
             state = "expired"
         uses = f"{t.uses_total - t.uses_left}/{t.uses_total}"
         print(
-            f"{t.id:<17} {uses:<11} {t.expires_at:%Y-%m-%d %H:%M} {state:<8} "
+            f"{t.id:<17} {uses:<11} {t.expires_at:%Y-%m-%d %H:%M}  {state:<8} "
             f"{t.group or '-':<12} {','.join(t.tags) or '-'}"
         )
     return 0

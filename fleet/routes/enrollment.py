@@ -109,6 +109,6 @@ def enroll(body: EnrollmentRequest, service: Enrollments, ctx: Context, now: Now
         broker_host=settings.broker.host,
         broker_port=settings.broker.port,
         broker_tls=settings.broker.tls,
-        fleet_url=settings.public_base_url.rstrip("/"),
+        fleet_url=settings.base_url,
     )
     return service.enroll(body, now, ctx.trust_root, endpoints)

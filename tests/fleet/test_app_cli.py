@@ -121,6 +121,8 @@ def test_enroll_token_commands(
         capsys, "enroll-token", "create", "--expires", "30s", "--config", str(config)
     )
     assert code == 2 and "must expire between" in err
+    code, _, err = run(capsys, "enroll-token", "create", "--expires", "1y", "--config", str(config))
+    assert code == 2 and "--expires: '1y' is not a duration" in err
 
 
 def test_serve_runs_the_api_with_json_logs(tmp_path: Path) -> None:

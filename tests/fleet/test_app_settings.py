@@ -34,6 +34,20 @@ def test_defaults_suit_a_laptop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert s.tuf_dir == Path("edgefleet-data/tuf") and s.keys_dir == Path("edgefleet-data/keys")
     assert s.timestamp_expiry == timedelta(days=1)
     assert s.metrics_auth == "none"
+    assert s.base_url == "http://127.0.0.1:8080"  # what devices are told, unless set
+
+
+@pytest.mark.parametrize(
+    ("overrides", "url"),
+    [
+        ({"host": "0.0.0.0", "port": 9000}, "http://127.0.0.1:9000"),
+        ({"host": "fleet.lan"}, "http://fleet.lan:8080"),
+        ({"host": "::1"}, "http://[::1]:8080"),
+        ({"public_base_url": "https://fleet.example.com/"}, "https://fleet.example.com"),
+    ],
+)
+def test_the_base_url_devices_are_told(overrides: dict[str, object], url: str) -> None:
+    assert load_settings(**overrides).base_url == url
 
 
 def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
