@@ -72,3 +72,15 @@ class MessageRejected(ProtocolError):
 
     def __reduce__(self) -> tuple[type["MessageRejected"], tuple[str, str]]:
         return (type(self), (self.reason, self.detail))
+
+
+# --- drift summaries (protocol.drift) -----------------------------------------------------------
+
+
+class DriftError(ProtocolError):
+    """A drift summary, or the counts or inputs it is built from, does not follow the contract."""
+
+
+class DriftIncompatibleError(DriftError):
+    """Counts cannot be merged or compared: they were binned with different reference profiles
+    (or belong to another model or version). Compare each with its own reference instead."""
