@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fleet import commands
+from fleet.errors import FleetError
 from protocol.cli import run
 from protocol.errors import ProtocolError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run(
-        "fleet", "edgefleet fleet manager", commands, argv, expected=(ProtocolError, OSError)
+        "fleet",
+        "edgefleet fleet manager",
+        commands,
+        argv,
+        expected=(ProtocolError, FleetError, OSError),
     )
 
 
