@@ -131,3 +131,40 @@ class TufRepositoryNotInitializedError(TufRepositoryError, UnavailableError):
 
 class TargetConflictError(TufRepositoryError, ConflictError):
     """A target path is already published with other content; releases are immutable."""
+
+
+# --- model registry and releases (fleet.bundle_upload, fleet.registry) ------------------------
+
+
+class BundleArchiveError(FleetError):
+    """An uploaded bundle archive is unreadable or unsafe (a path outside the bundle, a link, a
+    device file, a duplicate name): HTTP 400."""
+
+
+class BundleTooLargeError(PayloadTooLargeError):
+    """An uploaded bundle is over the size limits, compressed or unpacked (HTTP 413)."""
+
+
+class BundleRejectedError(InvalidInputError):
+    """The bundle unpacked but failed validation: hashes, golden replay, signature, reference
+    profile (HTTP 422). ``problems`` lists every finding."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class ReleaseVersionError(ConflictError):
+    """The model version is not greater than the latest release of that model (HTTP 409)."""
+
+
+class ReleaseNotFoundError(NotFoundError):
+    """No such model or release."""
+
+
+class ReleaseSigningUnavailableError(UnavailableError):
+    """The fleet has no online signing keys or TUF repository to publish with (HTTP 503)."""
+
+
+class RepositoryFileNotFoundError(NotFoundError):
+    """No such TUF metadata or target file is served (HTTP 404)."""
