@@ -100,6 +100,7 @@ class HealthSnapshot:
     drift: DriftFigures | None = None
     update: UpdateFigures | None = None
     system: SystemFigures = field(default_factory=SystemFigures)
+    model_error: str = ""  # why the active slot's model could not be loaded
     problems: tuple[str, ...] = ()
 
     @property
@@ -144,6 +145,7 @@ class HealthSnapshot:
 
 def _problems(
     model: ModelFigures | None,
+    model_error: str,
     broker_connected: bool,
     outbox_oldest_age: float | None,
     inference: InferenceFigures,
@@ -151,7 +153,9 @@ def _problems(
     update: UpdateFigures | None,
 ) -> tuple[str, ...]:
     found = []
-    if model is None:
+    if model_error:
+        found.append(f"the active model cannot be loaded: {model_error}")
+    elif model is None:
         found.append(
             "no model is installed (edge-agent model install BUNDLE_DIR, or wait for "
             "the fleet's first release)"
@@ -187,6 +191,7 @@ def assemble(
     drift: DriftFigures | None,
     update: UpdateFigures | None,
     system: SystemFigures,
+    model_error: str = "",
 ) -> HealthSnapshot:
     """One snapshot of the parts' figures at ``now`` (wall clock)."""
     return HealthSnapshot(
@@ -203,8 +208,15 @@ def assemble(
         drift=drift,
         update=update,
         system=system,
+        model_error=model_error,
         problems=_problems(
-            model, broker_connected, outbox_oldest_age_seconds, inference, drift, update
+            model,
+            model_error,
+            broker_connected,
+            outbox_oldest_age_seconds,
+            inference,
+            drift,
+            update,
         ),
     )
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PREDICT_PATH = "/v1/predict"
 MODEL_PATH = "/v1/model"
+LINGER_BYTES = 1024 * 1024  # at most this much of a refused body is read and dropped
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -71,6 +72,25 @@ class _Handler(BaseHTTPRequestHandler):
 class PredictHandler(_Handler):
     service: InferenceService
     max_body_bytes: int
+    _linger = False
+
+    def finish(self) -> None:
+        super().finish()
+        if self._linger:
+            self._drain()
+
+    def _drain(self) -> None:
+        """After refusing a body unread, read (and drop) what the client is still sending for
+        a moment before closing: closing a socket with unread data makes the kernel send a
+        reset, which can destroy our error response before the client reads it."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            drained = 0
+            while drained < LINGER_BYTES and (chunk := self.connection.recv(65536)):
+                drained += len(chunk)
+        except OSError:
+            pass
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         if self.path.split("?", 1)[0] != PREDICT_PATH:
@@ -136,6 +156,7 @@ class PredictHandler(_Handler):
     def _read_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
+            self._linger = True
             self.send_error_json(411, "chunked bodies are not accepted; send Content-Length")
             return None
         length_text = self.headers.get("Content-Length")
@@ -146,6 +167,7 @@ class PredictHandler(_Handler):
         length = int(length_text)
         if length > self.max_body_bytes:
             self.close_connection = True  # the body stays unread
+            self._linger = True
             self.send_error_json(
                 413,
                 f"body of {length} bytes is over the limit of {self.max_body_bytes}; split the "

@@ -17,12 +17,14 @@ and the installers), or close drift windows on a schedule (:mod:`agent.main`).
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -30,13 +32,16 @@ from agent.errors import AgentError, ModelLoadError
 from agent.latency import BUCKETS, LatencyRecorder, LatencyStats
 from agent.runtimes import Runtime, load_runtime
 from agent.slots import InstalledRelease, Release
+from protocol.drift import DriftSummary
 from protocol.reference import ReferenceProfile
+
+log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("reject", "allow")
 _F32 = np.dtype(np.float32)
 _NUMBER_TYPES = {int, float}
+_SUM = np.add.reduce
 _MAX_ROWS_NAMED = 10  # an error names at most this many offending rows
-T = TypeVar("T")
 
 
 class InputError(AgentError):
@@ -54,26 +59,95 @@ class NoModelError(AgentError):
 
 
 class DriftSink(Protocol):
-    """What the service feeds every served batch to (``agent.drift.DriftAccumulator``)."""
+    """What the service feeds every served batch to: :class:`agent.drift.DriftAccumulator`,
+    thread-safe on its own; the agent's main closes its windows."""
+
+    @property
+    def rows(self) -> int: ...
 
     def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None: ...
+
+    def close_window(
+        self, start: float, end: float, model_name: str, model_version: int, reference_sha256: str
+    ) -> DriftSummary: ...
 
 
 DriftFactory = Callable[[ReferenceProfile], DriftSink]
 
 
-@dataclass
-class ModelStats:
-    """Counters of one loaded model, guarded by ``lock`` (the service holds it briefly)."""
+class DriftBuffer:
+    """Rows on their way to the drift accumulator, handed over in blocks.
 
-    lock: threading.Condition = field(default_factory=threading.Condition)
-    requests: int = 0  # served batches
-    rows: int = 0
-    rejected: int = 0  # batches refused for bad input (4xx)
-    errors: int = 0  # batches the runtime failed on (5xx)
-    latency: LatencyRecorder = field(default_factory=LatencyRecorder)
-    in_flight: int = 0
-    retiring: bool = False
+    The accumulator's ``add`` costs microseconds per call whatever the batch size, which at
+    batch 1 would be most of the agent's overhead; copying a row here costs a fraction of that.
+    Not thread-safe: the service uses it under the model's lock.
+    """
+
+    __slots__ = ("sink", "inputs", "predicted", "fill")
+
+    def __init__(self, sink: DriftSink, features: int, rows: int = 256) -> None:
+        self.sink = sink
+        self.inputs = np.empty((rows, features), dtype=_F32)
+        self.predicted = np.empty(rows, dtype=np.int64)
+        self.fill = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows in the current window: the accumulator's and the ones still buffered here."""
+        return self.sink.rows + self.fill
+
+    def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
+        n = inputs.shape[0]
+        fill = self.fill
+        if fill + n > self.predicted.shape[0]:
+            self.flush()
+            fill = 0
+            if n >= self.predicted.shape[0]:
+                self._hand_over(inputs, predicted)
+                return
+        self.inputs[fill : fill + n] = inputs
+        self.predicted[fill : fill + n] = predicted
+        self.fill = fill + n
+
+    def flush(self) -> None:
+        if self.fill:
+            self._hand_over(self.inputs[: self.fill], self.predicted[: self.fill])
+            self.fill = 0
+
+    def _hand_over(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
+        try:
+            self.sink.add(inputs, predicted)  # copies the rows: the buffer can be reused
+        except Exception:  # drift is a report about serving, never a reason to fail serving
+            log.exception(
+                "the drift accumulator refused %d rows; they are not counted", len(inputs)
+            )
+
+
+class ModelState:
+    """The mutable side of one loaded model, guarded by ``lock`` (held for microseconds)."""
+
+    __slots__ = (
+        "lock",
+        "requests",
+        "rows",
+        "rejected",
+        "errors",
+        "latency",
+        "in_flight",
+        "retiring",
+        "drift",
+    )
+
+    def __init__(self, drift: DriftBuffer | None) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0  # served batches
+        self.rows = 0
+        self.rejected = 0  # batches refused for bad input (4xx)
+        self.errors = 0  # batches the runtime failed on (5xx)
+        self.latency = LatencyRecorder()
+        self.in_flight = 0
+        self.retiring = False
+        self.drift = drift
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +158,11 @@ class LoadedModel:
     runtime: Runtime
     drift: DriftSink | None
     loaded_at: float  # wall clock
-    stats: ModelStats = field(default_factory=ModelStats)
+    state: ModelState = field(init=False)
+
+    def __post_init__(self) -> None:
+        buffer = None if self.drift is None else DriftBuffer(self.drift, self.n_features)
+        object.__setattr__(self, "state", ModelState(buffer))
 
     @property
     def release(self) -> Release:
@@ -130,8 +208,9 @@ def load_model(
     return LoadedModel(installed, runtime, drift, time.time() if now is None else now)
 
 
-@dataclass(frozen=True)
-class InferenceResult:
+class InferenceResult(NamedTuple):
+    """One served batch (a NamedTuple: built on every request, it must be cheap)."""
+
     outputs: np.ndarray  # (rows, classes) float32
     predicted: np.ndarray  # (rows,) argmax class ids
     model_name: str
@@ -207,7 +286,8 @@ class InferenceService:
         self.max_rows = max_rows
         self._model: LoadedModel | None = None
         self._lock = threading.Lock()  # swaps, retired totals, counts without a model
-        self._no_model = 0
+        self._no_model_count = 0
+        self._reject_nan = nan_policy == "reject"
         self._retired = [0, 0, 0, 0, 0]  # requests, rows, rejected, errors, latency count
         self._retired_seconds = 0.0
         self._retired_buckets = [0] * len(BUCKETS)
@@ -226,11 +306,18 @@ class InferenceService:
 
     def retire(self, model: LoadedModel, timeout: float = 10.0) -> bool:
         """Close a swapped-out model once its in-flight requests are done (at most ``timeout``
-        seconds); its counts join the totals. False if requests were still running."""
-        st = model.stats
+        seconds); its counts join the totals and its buffered drift rows reach its accumulator.
+        False if requests were still running at the timeout."""
+        st = model.state
         with st.lock:
             st.retiring = True
-            drained = st.lock.wait_for(lambda: st.in_flight == 0, timeout)
+        deadline = time.monotonic() + timeout
+        while st.in_flight and time.monotonic() < deadline:
+            time.sleep(0.001)  # swaps are rare: polling keeps the hot path free of notify
+        with st.lock:
+            drained = not st.in_flight
+            if st.drift is not None:
+                st.drift.flush()
             stats = st.latency.stats()
             with self._lock:
                 for i, v in enumerate((st.requests, st.rows, st.rejected, st.errors, stats.count)):
@@ -249,41 +336,37 @@ class InferenceService:
         if old is not None:
             self.retire(old, timeout)
 
-    def with_drift(self, fn: Callable[[DriftSink], T]) -> T | None:
-        """Run ``fn`` on the active model's drift accumulator while no request is adding to it
-        (closing a window); None when there is no model or no accumulator."""
+    def drift_rows(self) -> int:
+        """Rows in the active model's current drift window (0 without a model)."""
         model = self._model
-        if model is None or model.drift is None:
+        if model is None or model.state.drift is None:
+            return 0
+        with model.state.lock:
+            return model.state.drift.rows
+
+    def close_drift_window(
+        self, start: float, end: float, model: LoadedModel | None = None
+    ) -> DriftSummary | None:
+        """Close the drift window ``[start, end]`` of ``model`` (default: the active one) and
+        start a new one; None when there is no model or it has no accumulator."""
+        model = model or self._model
+        if model is None or model.drift is None or model.state.drift is None:
             return None
-        with model.stats.lock:
-            return fn(model.drift)
+        with model.state.lock:
+            model.state.drift.flush()
+        r = model.release
+        # scored outside the model's lock: requests keep flowing (into the next window)
+        return model.drift.close_window(start, end, r.name, r.version, r.files[r.reference])
 
     # --- serving ------------------------------------------------------------------------------
 
-    def _enter(self) -> LoadedModel:
-        while True:
-            model = self._model
-            if model is None:
-                with self._lock:
-                    self._no_model += 1
-                raise NoModelError(
-                    "no model is installed on this device yet; install one with `edge-agent "
-                    "model install BUNDLE_DIR`, or wait for the fleet's first release"
-                )
-            st = model.stats
-            with st.lock:
-                if not st.retiring:
-                    st.in_flight += 1
-                    return model
-            # swapped out a moment ago: the new model is already in self._model
-
-    def _leave(self, model: LoadedModel, counter: str) -> None:
-        st = model.stats
-        with st.lock:
-            setattr(st, counter, getattr(st, counter) + 1)
-            st.in_flight -= 1
-            if st.retiring and not st.in_flight:
-                st.lock.notify_all()
+    def _no_model(self) -> NoModelError:
+        with self._lock:
+            self._no_model_count += 1
+        return NoModelError(
+            "no model is installed on this device yet; install one with `edge-agent model "
+            "install BUNDLE_DIR`, or wait for the fleet's first release"
+        )
 
     def _validate(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
         if not isinstance(batch, np.ndarray):
@@ -308,40 +391,52 @@ class InferenceService:
             if batch.dtype.kind not in "fiu":
                 raise InputError(400, f"inputs are {batch.dtype}, not numbers")
             batch = batch.astype(_F32)
-        if self.nan_policy == "reject" and not np.isfinite(batch).all():
+        # the sum is finite iff every value is (one reduction); an overflowing sum of finite
+        # values is told apart by the exact check, which also names the rows
+        if self._reject_nan and not math.isfinite(_SUM(batch, axis=None)):
             bad = ~np.isfinite(batch).all(axis=1)
-            raise InputError(
-                422,
-                f"{_bad_rows(bad)} of the batch hold NaN or infinite values, which this "
-                "device's policy rejects; drop or impute them before sending",
-            )
+            if bad.any():
+                raise InputError(
+                    422,
+                    f"{_bad_rows(bad)} of the batch hold NaN or infinite values, which this "
+                    "device's policy rejects; drop or impute them before sending",
+                )
         return batch
 
     def predict(self, batch: np.ndarray) -> InferenceResult:
         """Run ``batch`` [rows, features] through the active model."""
         start = time.perf_counter()
-        model = self._enter()
+        while True:
+            model = self._model
+            if model is None:
+                raise self._no_model()
+            st = model.state
+            with st.lock:
+                if not st.retiring:
+                    st.in_flight += 1
+                    break
+            # swapped out a moment ago: the new model is already in self._model
         try:
             x = self._validate(model, batch)
-        except InputError:
-            self._leave(model, "rejected")
-            raise
-        try:
             outputs = model.runtime.predict(x)
-        except Exception:
-            self._leave(model, "errors")
+            predicted = outputs.argmax(1)
+        except InputError:
+            with st.lock:
+                st.rejected += 1
+                st.in_flight -= 1
             raise
-        predicted = outputs.argmax(axis=1)
-        st = model.stats
+        except BaseException:
+            with st.lock:
+                st.errors += 1
+                st.in_flight -= 1
+            raise
         with st.lock:
-            if model.drift is not None:
-                model.drift.add(x, predicted)
             st.requests += 1
             st.rows += x.shape[0]
             st.in_flight -= 1
+            if st.drift is not None:
+                st.drift.add(x, predicted)
             st.latency.record(time.perf_counter() - start)
-            if st.retiring and not st.in_flight:
-                st.lock.notify_all()
         release = model.installed.release
         return InferenceResult(
             outputs, predicted, release.name, release.version, release.class_names
@@ -354,8 +449,8 @@ class InferenceService:
         except InputError:
             model = self._model
             if model is not None:
-                with model.stats.lock:
-                    model.stats.rejected += 1
+                with model.state.lock:
+                    model.state.rejected += 1
             raise
         return self.predict(batch)
 
@@ -365,12 +460,12 @@ class InferenceService:
         model = self._model
         # lock order as in retire(): the model's, then the service's, so a model retired
         # meanwhile is counted exactly once
-        st = model.stats if model is not None else ModelStats()
+        st = model.state if model is not None else ModelState(None)
         with st.lock, self._lock:
             requests, rows, rejected, errors, count = self._retired
             seconds = self._retired_seconds
             buckets = list(self._retired_buckets)
-            rejected += self._no_model
+            rejected += self._no_model_count
             requests += st.requests
             rows += st.rows
             rejected += st.rejected

@@ -1,0 +1,351 @@
+"""The agent's composition root: :class:`Agent` builds every part from the config and runs them.
+
+``Agent(config).start()`` loads the active slot's model into the inference service (with the
+firmware profile's thread count and a drift accumulator on the release's reference profile),
+opens the outbox in ``agent.db``, starts the predict and health HTTP servers, connects the MQTT
+link (birth and Last Will) and schedules the heartbeat and drift-window jobs on APScheduler.
+``stop()`` undoes it in the order that loses nothing: stop accepting requests, stop the jobs,
+close the current drift window into the outbox, let the link flush what it can within
+``telemetry.shutdown_flush_seconds`` and publish the offline state, close the outbox, close the
+model.
+
+It gathers the figures the parts report (psutil for the process and the disk) for the heartbeat
+and the health snapshot; it contains no logic of its own beyond wiring. Nothing here runs at
+import time, and nothing heavy is imported until ``start`` needs it (the runtime library of the
+active artifact only; no TUF until an update starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from agent.config import AgentConfig
+from agent.drift import DriftAccumulator, WindowPolicy
+from agent.errors import AgentError
+from agent.health import (
+    DriftFigures,
+    FeatureVerdict,
+    HealthSnapshot,
+    InferenceFigures,
+    ModelFigures,
+    SystemFigures,
+    UpdateFigures,
+    assemble,
+)
+from agent.http_server import HttpServer, health_server, predict_server
+from agent.inference import InferenceService, LoadedModel, load_model
+from agent.mqtt_link import LinkConfig, MqttLink
+from agent.outbox import Outbox
+from agent.reporter import PeriodicJob, Reporter, start_periodic
+from agent.slots import Slots
+from agent.version import agent_version
+from firmware_profiles import load_profile
+from protocol.drift import DriftSummary
+from protocol.messages import ActiveModel, HeartbeatBody, Latency, ModelRef, StateBody
+from protocol.profiles import FirmwareProfile
+
+log = logging.getLogger(__name__)
+
+UpdateStatusSource = Callable[[], UpdateFigures | None]
+
+
+def drift_figures(summary: DriftSummary) -> DriftFigures:
+    """The health page's view of a closed window."""
+    return DriftFigures(
+        window_end=summary.counts.end,
+        rows=summary.counts.n,
+        drifted=summary.verdict.drifted,
+        features=tuple(
+            FeatureVerdict(f.name, f.drifted, f.test.psi, f.test.js, f.test.ks)
+            for f in summary.scores.features
+        ),
+    )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+class Agent:
+    """One device agent (see the module docstring). ``start`` and ``stop`` are called once."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        update_status: UpdateStatusSource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.paths = config.paths
+        self.profile: FirmwareProfile = load_profile(config.device.profile)
+        self.slots = Slots(self.paths.slots)
+        self.service = InferenceService(config.http.nan_policy, config.http.max_batch_rows)
+        self.window_policy = WindowPolicy(
+            window_seconds=config.telemetry.drift_window_seconds,
+            min_rows=config.telemetry.drift_min_rows,
+            max_window_seconds=max(86400.0, config.telemetry.drift_window_seconds),
+        )
+        self.update_status: UpdateStatusSource = update_status or (lambda: None)
+        self.model_error: str | None = None  # why the active slot's model could not be loaded
+        self._clock = clock
+        self._process = psutil.Process()
+        self._started_at = clock()
+        self._window_start = self._started_at
+        self._window_lock = threading.Lock()
+        self._last_drift: DriftSummary | None = None
+        self.outbox: Outbox | None = None
+        self.link: MqttLink | None = None
+        self.reporter: Reporter | None = None
+        self.predict_http: HttpServer | None = None
+        self.health_http: HttpServer | None = None
+        self._scheduler: Any = None
+        self._stopped = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model, open the outbox, serve HTTP, connect, schedule the jobs."""
+        config = self.config
+        self._started_at = self._window_start = self._clock()
+        self._process.cpu_percent(None)  # the first call only sets the baseline
+        self.load_active_model()
+        self.outbox = Outbox(
+            self.paths.db, config.device.id, max_rows=config.telemetry.outbox_max_rows
+        )
+        try:
+            self.predict_http = predict_server(
+                config.http.predict_listen, self.service, config.http.max_body_bytes
+            )
+            self.health_http = health_server(config.http.health_listen, self.snapshot)
+        except OSError:
+            self._close_servers()
+            self.outbox.close()
+            raise
+        self.link = MqttLink(self._link_config(), self.outbox, self._state)
+        self.reporter = Reporter(self.outbox, self.link)
+        self.predict_http.start()
+        self.health_http.start()
+        self.link.start()
+        telemetry = config.telemetry
+        check_every = max(1.0, min(60.0, telemetry.drift_window_seconds / 5))
+        self._scheduler = start_periodic(
+            [
+                PeriodicJob("heartbeat", telemetry.heartbeat_seconds, self.heartbeat, True),
+                PeriodicJob("drift-window", check_every, self.close_drift_window),
+            ]
+        )
+        log.info(
+            "agent %s running as %s: predict on %s, health on %s, broker %s:%d",
+            agent_version(),
+            config.device.id,
+            self.predict_http.url,
+            self.health_http.url,
+            config.mqtt.host,
+            config.mqtt.port,
+        )
+
+    def stop(self) -> None:
+        """Stop cleanly; whatever the broker did not acknowledge stays in the outbox."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._close_servers()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        if self.reporter is not None:
+            try:
+                self.close_drift_window(force=True)
+            except Exception:  # a failed window must not stop the rest of the shutdown
+                log.exception("closing the last drift window failed")
+        if self.link is not None:
+            self.link.stop(timeout=self.config.telemetry.shutdown_flush_seconds)
+        if self.outbox is not None:
+            depth = self.outbox.depth()
+            self.outbox.close()
+            if depth:
+                log.info("%d report(s) stay in the outbox for the next start", depth)
+        self.service.close()
+        log.info("agent stopped")
+
+    def _close_servers(self) -> None:
+        for server in (self.predict_http, self.health_http):
+            if server is not None:
+                server.stop()
+
+    def _link_config(self) -> LinkConfig:
+        mqtt = self.config.mqtt
+        tls = ssl.create_default_context(cafile=mqtt.ca_file or None) if mqtt.tls else None
+        return LinkConfig(
+            device_id=self.config.device.id,
+            host=mqtt.host,
+            port=mqtt.port,
+            username=mqtt.username,
+            password=mqtt.password,
+            keepalive=mqtt.keepalive,
+            tls_context=tls,
+        )
+
+    # --- the model ----------------------------------------------------------------------------
+
+    def load_active_model(self) -> LoadedModel | None:
+        """Load the active slot's release and serve it; None (and ``model_error`` says why)
+        when there is none or it cannot be loaded — the agent then answers 503 and keeps
+        reporting."""
+        try:
+            installed = self.slots.active_release()
+            if installed is None:
+                log.warning(
+                    "no model is installed: install one with `edge-agent model install "
+                    "BUNDLE_DIR`, or wait for the fleet's first release"
+                )
+                self.model_error = None
+                return None
+            model = load_model(installed, self.profile.inference_threads, DriftAccumulator)
+        except (AgentError, OSError) as exc:
+            self.model_error = str(exc)
+            log.error("cannot load the active model: %s", exc)
+            return None
+        self.model_error = None
+        old = self.service.swap(model)
+        if old is not None:
+            self.service.retire(old)
+        log.info(
+            "serving %s v%d from slot %s (%s, %d threads)",
+            model.release.name,
+            model.release.version,
+            model.installed.slot,
+            model.release.runtime,
+            self.profile.inference_threads,
+        )
+        return model
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def _state(self) -> StateBody:
+        # called on paho's network thread before each connect: cheap, never blocks
+        model = self.service.current()
+        active = None
+        if model is not None:
+            r = model.release
+            active = ActiveModel(r.name, r.version, model.installed.slot, r.runtime)
+        return StateBody(True, agent_version(), self.config.device.profile, active)
+
+    def _system(self) -> SystemFigures:
+        disk = shutil.disk_usage(self.paths.root)
+        memory = psutil.virtual_memory()
+        return SystemFigures(
+            rss_bytes=self._process.memory_info().rss,
+            memory_total_bytes=memory.total,
+            memory_available_bytes=memory.available,
+            disk_total_bytes=disk.total,
+            disk_free_bytes=disk.free,
+            cpu_percent=self._process.cpu_percent(None),
+        )
+
+    def heartbeat(self) -> None:
+        """Report the vital signs (a periodic job)."""
+        assert self.reporter is not None
+        now = self._clock()
+        system = self._system()
+        stats = self.service.stats()
+        model = self.service.current()
+        latency = None
+        if stats.p50 is not None and stats.p95 is not None and stats.p99 is not None:
+            latency = Latency(stats.p50 * 1e3, stats.p95 * 1e3, stats.p99 * 1e3)
+        body = HeartbeatBody(
+            uptime_s=max(0.0, now - self._started_at),
+            cpu_percent=system.cpu_percent,
+            mem_rss_bytes=system.rss_bytes,
+            mem_available_bytes=system.memory_available_bytes,
+            disk_free_bytes=system.disk_free_bytes,
+            outbox_depth=0,  # the reporter fills in the outbox's figures
+            outbox_evicted_total=0,
+            inferences_total=stats.requests,
+            inference_errors_total=stats.errors,
+            latency_ms=latency,
+            model=None if model is None else ModelRef(model.release.name, model.release.version),
+        )
+        self.reporter.report_heartbeat(body, now)
+
+    def close_drift_window(self, force: bool = False) -> DriftSummary | None:
+        """Close and report the drift window when the policy says so (or ``force``, if it holds
+        any rows); a periodic job, and the last step before the link stops."""
+        assert self.reporter is not None
+        with self._window_lock:
+            now = self._clock()
+            rows = self.service.drift_rows()
+            if force:
+                due = rows > 0
+            else:
+                due = self.window_policy.should_close(now, self._window_start, rows)
+            if not due:
+                return None
+            summary = self.service.close_drift_window(self._window_start, now)
+            if summary is None:
+                return None
+            self._window_start = now
+        self.reporter.report_drift(summary, now)
+        self._last_drift = summary
+        log.info(
+            "drift window closed: %d rows, %s",
+            summary.counts.n,
+            "DRIFT in " + ", ".join(summary.verdict.drifted_features)
+            if summary.verdict.drifted
+            else "no drift",
+        )
+        return summary
+
+    # --- health -------------------------------------------------------------------------------
+
+    def snapshot(self) -> HealthSnapshot:
+        """The health endpoint's figures, gathered now."""
+        now = self._clock()
+        model = self.service.current()
+        stats = self.service.stats()
+        link = self.link.status() if self.link is not None else None
+        outbox = self.outbox
+        return assemble(
+            agent_version=agent_version(),
+            device_id=self.config.device.id,
+            profile=self.config.device.profile,
+            now=now,
+            started_at=self._started_at,
+            model=None
+            if model is None
+            else ModelFigures(
+                model.release.name,
+                model.release.version,
+                model.installed.slot,
+                model.release.runtime,
+                model.release.format,
+                model.loaded_at,
+            ),
+            broker_connected=bool(link and link.connected),
+            outbox_depth=outbox.depth() if outbox is not None else 0,
+            outbox_oldest_age_seconds=outbox.oldest_age(now) if outbox is not None else None,
+            inference=InferenceFigures(
+                requests=stats.requests,
+                rows=stats.rows,
+                rejected=stats.rejected,
+                errors=stats.errors,
+                p50_ms=_ms(stats.p50),
+                p95_ms=_ms(stats.p95),
+                p99_ms=_ms(stats.p99),
+                latency_count=stats.latency_count,
+                latency_seconds_total=stats.latency_seconds_total,
+                latency_buckets=stats.latency_buckets,
+            ),
+            drift=None if self._last_drift is None else drift_figures(self._last_drift),
+            update=self.update_status(),
+            system=self._system(),
+            model_error=self.model_error or "",
+        )

@@ -1,0 +1,209 @@
+"""The inference service on the real runtimes with the committed pdm-classifier bundles:
+validation of every kind of bad batch, counters, drift feeding, and model swaps under load."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bundle_install import install_bundle
+from agent.drift import DriftAccumulator
+from agent.errors import InferenceError
+from agent.inference import (
+    InferenceService,
+    InputError,
+    LoadedModel,
+    NoModelError,
+    batch_from_json,
+    load_model,
+)
+from agent.runtimes import load_runtime
+from agent.slots import Slots
+from firmware_profiles import load_profile
+from protocol.golden import GoldenSet
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLES = REPO / "models" / "bundles" / "pdm-classifier"
+PROFILES = {"onnxruntime": "x86_64-gateway", "litert": "rpi4-aarch64"}
+
+
+def loaded(tmp_path: Path, version: int = 1, runtime: str = "onnxruntime") -> LoadedModel:
+    slots = Slots(tmp_path / f"slots-{runtime}")
+    result = install_bundle(BUNDLES / str(version), slots, load_profile(PROFILES[runtime]))
+    return load_model(result.installed, threads=1, drift_factory=DriftAccumulator)
+
+
+def golden_inputs(model: LoadedModel) -> np.ndarray:
+    golden = GoldenSet.from_json(model.installed.file(model.release.golden).read_bytes())
+    return np.array(golden.inputs)
+
+
+@pytest.fixture(params=["onnxruntime", "litert"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> InferenceService:
+    svc = InferenceService(nan_policy="reject", max_rows=128)
+    svc.swap(loaded(tmp_path, runtime=request.param))
+    return svc
+
+
+def test_predict_matches_the_bare_runtime(service: InferenceService) -> None:
+    model = service.current()
+    assert model is not None
+    x = golden_inputs(model)
+    bare = load_runtime(model.installed.artifact_path, model.release.runtime, 1)
+    try:
+        for rows in (x[:1], x[:64]):
+            result = service.predict(rows)
+            np.testing.assert_array_equal(result.outputs, bare.predict(rows))
+            assert result.model_name == "pdm-classifier" and result.model_version == 1
+            assert result.outputs.shape == (len(rows), 5)
+            assert result.classes == [model.release.class_names[i] for i in result.predicted]
+    finally:
+        bare.close()
+
+
+def test_float64_and_int_inputs_are_converted(service: InferenceService) -> None:
+    model = service.current()
+    assert model is not None
+    x = golden_inputs(model)[:4]
+    np.testing.assert_allclose(
+        service.predict(x.astype(np.float64)).outputs, service.predict(x).outputs
+    )
+    assert service.predict(np.zeros((2, 24), dtype=np.int64)).outputs.shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("batch", "status", "says"),
+    [
+        (np.zeros((1, 23), np.float32), 400, "takes rows of 24 features: [rows, 24]"),
+        (np.zeros(24, np.float32), 400, "shape [24]"),
+        (np.zeros((2, 3, 24), np.float32), 400, "shape [2, 3, 24]"),
+        (np.zeros((0, 24), np.float32), 400, "no rows"),
+        (np.zeros((129, 24), np.float32), 413, "129 rows is over the limit of 128"),
+        (np.full((1, 24), "a"), 400, "not numbers"),
+        (np.zeros((1, 24), bool), 400, "not numbers"),
+        ([[0.0] * 24], 400, "pass rows of numbers"),
+    ],
+)
+def test_bad_batches(service: InferenceService, batch: object, status: int, says: str) -> None:
+    with pytest.raises(InputError) as err:
+        service.predict(batch)  # type: ignore[arg-type]
+    assert err.value.status == status
+    assert says in str(err.value)
+
+
+def test_nan_policy_names_the_rows(service: InferenceService) -> None:
+    x = np.zeros((30, 24), np.float32)
+    x[3, 0] = np.nan
+    x[7, 5] = np.inf
+    x[12:29, 1] = -np.inf
+    with pytest.raises(InputError) as err:
+        service.predict(x)
+    assert err.value.status == 422
+    assert "rows 3, 7, 12, 13, 14, 15, 16, 17, 18, 19 and 9 more" in str(err.value)
+    x = np.zeros((1, 24), np.float32)
+    x[0, 2] = np.nan
+    with pytest.raises(InputError, match="row 0 of the batch"):
+        service.predict(x)
+
+
+def test_nan_allowed_when_configured(tmp_path: Path) -> None:
+    svc = InferenceService(nan_policy="allow")
+    svc.swap(loaded(tmp_path))
+    x = np.zeros((2, 24), np.float32)
+    x[0, 0] = np.nan
+    assert svc.predict(x).outputs.shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "says"),
+    [
+        ([], "non-empty list of rows"),
+        ({"a": 1}, "non-empty list of rows"),
+        ([[1.0, "2"]], "row 0 column 1 is str '2'"),
+        ([[1.0, True]], "row 0 column 1 is bool True"),
+        ([[1.0], [None]], "row 1 column 0 is NoneType None"),
+        ([[1.0, 2.0], [1.0]], "different lengths [1, 2]"),
+        ([1.0, 2.0], "row 0 is not a list"),
+        ([[[1.0]]], "row 0 column 0 is list"),
+    ],
+)
+def test_json_inputs_refused(inputs: object, says: str) -> None:
+    with pytest.raises(InputError) as err:
+        batch_from_json(inputs)
+    assert err.value.status == 400 and says in str(err.value)
+
+
+def test_json_inputs_accepted() -> None:
+    assert batch_from_json([[1, 2.5], [3, 4]]).tolist() == [[1.0, 2.5], [3.0, 4.0]]
+
+
+def test_counters_latency_and_drift(tmp_path: Path) -> None:
+    svc = InferenceService()
+    svc.swap(loaded(tmp_path))
+    model = svc.current()
+    assert model is not None and model.drift is not None
+    x = golden_inputs(model)
+    for n in (1, 5, 64):
+        svc.predict(x[:n])
+    with pytest.raises(InputError):
+        svc.predict(x[:, :3])
+    with pytest.raises(InputError):
+        svc.predict_json([["x"]])
+    stats = svc.stats()
+    assert (stats.requests, stats.rows, stats.rejected, stats.errors) == (3, 70, 2, 0)
+    assert stats.latency_count == 3 and stats.latency_buckets[-1][1] == 3
+    assert stats.p50 is not None and stats.p95 is not None and 0 < stats.p50 <= stats.p95
+    assert svc.drift_rows() == 70  # every served row, none of the refused ones
+    summary = svc.close_drift_window(0.0, 1.0)
+    assert summary is not None and summary.counts.n == 70
+    assert summary.counts.reference_sha256 == model.release.files[model.release.reference]
+    assert svc.drift_rows() == 0
+
+
+def test_no_model(tmp_path: Path) -> None:
+    svc = InferenceService()
+    with pytest.raises(NoModelError, match="edge-agent model install"):
+        svc.predict(np.zeros((1, 24), np.float32))
+    assert svc.stats().rejected == 1
+
+
+def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
+    svc = InferenceService()
+    models = [loaded(tmp_path / "v1", 1), loaded(tmp_path / "v2", 2, runtime="litert")]
+    x = golden_inputs(models[0])[:8]
+    svc.swap(models[0])
+    failures: list[BaseException] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                versions.add(svc.predict(x).model_version)
+            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
+                failures.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(10):
+        fresh = load_model(models[i % 2].installed, threads=1, drift_factory=DriftAccumulator)
+        old = svc.swap(fresh)
+        assert old is not None
+        assert svc.retire(old, timeout=5)
+        with pytest.raises(InferenceError, match="closed"):
+            old.runtime.predict(x)  # retired means closed
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert versions == {1, 2}
+    stats = svc.stats()
+    assert stats.requests > 0 and stats.errors == 0
+    assert stats.rows == stats.requests * 8  # counts of retired models are kept
+    svc.close()
+    with pytest.raises(NoModelError):
+        svc.predict(x)
