@@ -13,7 +13,8 @@ Tables (in the agent's database, next to other agent state):
 * ``outbox_state(id=1, device, last_seq, evicted_total)``: the last sequence number handed out
   (reports and the link's birth/will reservations) and how many reports were evicted.
 
-Durability: WAL with ``synchronous=FULL``, so a returned :meth:`Outbox.put` is on disk. The
+Durability: WAL with ``synchronous=FULL``, so a returned :meth:`Outbox.put` is on disk (acks
+commit without their own fsync: losing one in a power cut only re-sends a report). The
 outbox is bounded (rows and payload bytes): when a put would exceed a bound the oldest rows are
 evicted and ``evicted_total`` grows (reported in the heartbeat). Thread safety: one connection
 shared by all threads behind one lock (every operation is a short transaction).
@@ -226,6 +227,9 @@ class Outbox:
         deleted = freed = 0
         with self._lock:
             try:
+                # an ack lost in a power cut only means the report is sent once more (the fleet
+                # dedupes), so it need not wait for its own fsync: the next put syncs it anyway
+                self._conn.execute("PRAGMA synchronous=NORMAL")
                 with self._transaction():
                     for seq in seqs:
                         row = self._conn.execute(
@@ -236,6 +240,8 @@ class Outbox:
                             freed += int(row[0])
             except sqlite3.Error as exc:
                 raise self._write_error(exc) from None
+            finally:
+                self._conn.execute("PRAGMA synchronous=FULL")
             self._depth -= deleted
             self._bytes -= freed
         return deleted
