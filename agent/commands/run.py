@@ -40,6 +40,8 @@ def run_agent(args: argparse.Namespace) -> int:
         agent = Agent(config)
     except (ConfigError, AgentError) as exc:
         raise CommandError(str(exc)) from None
+    if not getattr(args, "verbose", False):
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
