@@ -37,7 +37,7 @@ import sqlite_utils
 
 from agent.errors import OutboxError
 from protocol.errors import ProtocolError
-from protocol.messages import MAX_MESSAGE_BYTES, Envelope, WireBody, encode
+from protocol.messages import MAX_MESSAGE_BYTES, Body, Envelope, encode
 from protocol.topics import TopicKind, device_topic, validate_device_id
 
 DEFAULT_MAX_ROWS = 100_000
@@ -141,7 +141,7 @@ class Outbox:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def put(self, kind: TopicKind, body: WireBody, now: float | None = None) -> int:
+    def put(self, kind: TopicKind, body: Body, now: float | None = None) -> int:
         """Store one report; returns its sequence number once it is durably on disk.
 
         Raises :class:`protocol.errors.MessageError` for a body that does not fit ``kind``, and

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from protocol.messages import HeartbeatBody, UpdateBody, WireBody
+from protocol.messages import Body, DriftSummary, HeartbeatBody, UpdateBody
 from protocol.topics import TopicKind
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class ReportStore(Protocol):
     """What the reporter needs of :class:`agent.outbox.Outbox`."""
 
-    def put(self, kind: TopicKind, body: WireBody, now: float | None = None) -> int: ...
+    def put(self, kind: TopicKind, body: Body, now: float | None = None) -> int: ...
 
     def depth(self) -> int: ...
 
@@ -49,7 +49,7 @@ class Reporter:
         self._outbox = outbox
         self._link = link
 
-    def report(self, kind: TopicKind, body: WireBody, now: float | None = None) -> int:
+    def report(self, kind: TopicKind, body: Body, now: float | None = None) -> int:
         seq = self._outbox.put(kind, body, now)
         if self._link is not None:
             self._link.notify()
@@ -65,7 +65,7 @@ class Reporter:
         )
         return self.report(TopicKind.HEARTBEAT, body, now)
 
-    def report_drift(self, summary: WireBody, now: float | None = None) -> int:
+    def report_drift(self, summary: DriftSummary, now: float | None = None) -> int:
         """Report one closed drift window (a :class:`protocol.drift.DriftSummary`)."""
         return self.report(TopicKind.DRIFT, summary, now)
 

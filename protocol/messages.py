@@ -35,7 +35,6 @@ anything; the MQTT link (:mod:`agent.mqtt_link`) and the fleet's ingester do tha
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from protocol.bodies import (
     need_int,
     set_field,
 )
+from protocol.drift import DriftSummary
 from protocol.errors import MessageError, MessageRejected, ProtocolError, TopicError
 from protocol.topics import DEVICE_REPORTS, TopicKind, is_device_id, parse_topic
 
@@ -68,6 +68,8 @@ __all__ = [
     "UPDATE_STATES",
     "VERSION",
     "ActiveModel",
+    "Body",
+    "DriftSummary",
     "Envelope",
     "HeartbeatBody",
     "Latency",
@@ -97,55 +99,41 @@ class RejectReason(StrEnum):
     UNKNOWN_TOPIC = "unknown_topic"
 
 
-def _drift_type() -> type:
-    # protocol.drift is imported on first use: the drift summary format lives there alone
-    try:
-        module = importlib.import_module("protocol.drift")
-    except ImportError as exc:
-        raise MessageError(f"drift summaries cannot be handled: {exc}") from None
-    summary: type = module.DriftSummary
-    return summary
-
-
-def _drift_from_dict(doc: Any) -> WireBody:
-    summary: WireBody = _drift_type().from_dict(doc)  # type: ignore[attr-defined]
-    return summary
-
-
-_STATIC_BODIES: dict[TopicKind, type] = {
+# the body of each device-report topic
+Body = StateBody | HeartbeatBody | DriftSummary | UpdateBody
+_BODIES: dict[TopicKind, type] = {
     TopicKind.STATE: StateBody,
     TopicKind.HEARTBEAT: HeartbeatBody,
+    TopicKind.DRIFT: DriftSummary,
     TopicKind.UPDATE: UpdateBody,
 }
 
 
-def _parse_drift(doc: Any) -> WireBody:
+def _parse_drift(doc: Any) -> DriftSummary:
     try:
-        return _drift_from_dict(doc)
+        return DriftSummary.from_dict(doc)
     except ProtocolError:
         raise
     except Exception as exc:  # the ingester must survive any summary
-        # DriftSummary.from_dict should raise DriftError only; anything else is its bug, but a
+        # DriftSummary.from_dict raises DriftError only; anything else would be its bug, and a
         # device must not be able to crash the ingester with it
         raise MessageError(
             f"drift summary refused by protocol.drift ({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
 
 
-_PARSERS: dict[TopicKind, Callable[[Any], WireBody]] = {
+_PARSERS: dict[TopicKind, Callable[[Any], Body]] = {
     TopicKind.STATE: StateBody.from_dict,
-    TopicKind.DRIFT: _parse_drift,
     TopicKind.HEARTBEAT: HeartbeatBody.from_dict,
+    TopicKind.DRIFT: _parse_drift,
     TopicKind.UPDATE: UpdateBody.from_dict,
 }
 
 
 def body_type(kind: TopicKind) -> type:
     """The body class carried on a device-report topic of ``kind``."""
-    if kind == TopicKind.DRIFT:
-        return _drift_type()
     try:
-        return _STATIC_BODIES[kind]
+        return _BODIES[kind]
     except KeyError:
         raise MessageError(f"{kind!s} is not a device-report topic") from None
 
@@ -161,7 +149,7 @@ class Envelope:
     device: str
     seq: int
     ts: float
-    body: WireBody
+    body: Body
 
     def __post_init__(self) -> None:
         if self.kind not in DEVICE_REPORTS:

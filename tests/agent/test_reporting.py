@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.mqtt_link import STATE_BLOCK, LinkConfig, MqttLink
 from agent.outbox import Outbox
 from agent.reporter import PeriodicJob, Reporter, start_periodic
+from protocol.drift import DriftSummary, count_rows, summarize
 from protocol.messages import (
     Envelope,
     HeartbeatBody,
@@ -34,6 +36,7 @@ from protocol.messages import (
     UpdateBody,
     parse_message,
 )
+from protocol.reference import build_reference_profile
 from protocol.topics import TopicKind
 from simulators.broker import MosquittoBroker
 
@@ -141,6 +144,26 @@ class InProcessAgent:
         self.outbox.close()
 
 
+def drift_summary() -> DriftSummary:
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(1000, 2))
+    reference = build_reference_profile(
+        train, (train[:, 0] > 0).astype(int), ["a", "b"], ["x", "y"]
+    )
+    live = rng.normal(size=(200, 2))
+    counts = count_rows(
+        reference,
+        live,
+        (live[:, 0] > 0).astype(int),
+        start=0.0,
+        end=60.0,
+        model_name="vibration",
+        model_version=3,
+        reference_sha256="cd" * 32,
+    )
+    return summarize(counts, reference)
+
+
 def test_reports_arrive_with_the_envelope_after_the_retained_birth(
     broker: MosquittoBroker, fleet: FleetView, tmp_path: Path
 ) -> None:
@@ -149,6 +172,8 @@ def test_reports_arrive_with_the_envelope_after_the_retained_birth(
         agent.wait_connected()
         before = time.time()
         hb = agent.beat(1)
+        summary = drift_summary()
+        drift = agent.reporter.report_drift(summary)
         update = agent.reporter.report_update(
             UpdateBody(ModelRef("vibration", 4), False, "idle", "downloading")
         )
@@ -165,7 +190,9 @@ def test_reports_arrive_with_the_envelope_after_the_retained_birth(
     assert (beat.device, beat.seq) == (DEVICE, hb)
     assert before <= beat.ts <= time.time()
     assert beat.body == HeartbeatBody(1, 1.0, 1, 2, 3, 0, 0, 1, 0)
-    assert fleet.of(TopicKind.UPDATE)[0].env.seq == update > hb > birth.seq
+    (window,) = [r.env for r in fleet.of(TopicKind.DRIFT)]
+    assert (window.seq, window.body) == (drift, summary)
+    assert fleet.of(TopicKind.UPDATE)[0].env.seq == update > drift > hb > birth.seq
     assert offline.seq < hb or offline.seq > update  # state seqs come from their own block
 
 

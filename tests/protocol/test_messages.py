@@ -6,11 +6,13 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.drift import DriftSummary, count_rows, summarize
 from protocol.errors import DeviceIdError, MessageError, MessageRejected, TopicError
 from protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -26,6 +28,7 @@ from protocol.messages import (
     encode,
     parse_message,
 )
+from protocol.reference import build_reference_profile
 from protocol.topics import (
     DEVICE_REPORTS,
     TopicKind,
@@ -68,9 +71,33 @@ UPDATE = UpdateBody(
     reason=None,
     elapsed_s={"downloading": 2.5},
 )
+
+
+def drift_summary(shift: float = 0.0, features: int = 2) -> DriftSummary:
+    """A real window summary: seeded training data, a shifted live window."""
+    rng = np.random.default_rng(7)
+    names = [f"f{j}" for j in range(features)]
+    train = rng.normal(size=(2000, features))
+    reference = build_reference_profile(train, (train[:, 0] > 0).astype(int), names, ["ok", "bad"])
+    live = rng.normal(loc=shift, size=(300, features))
+    counts = count_rows(
+        reference,
+        live,
+        (live[:, 0] > 0).astype(int),
+        start=TS - 300,
+        end=TS,
+        model_name="vibration",
+        model_version=3,
+        reference_sha256="ab" * 32,
+    )
+    return summarize(counts, reference)
+
+
+DRIFT = drift_summary(shift=1.0)
 BODIES: dict[TopicKind, Any] = {
     TopicKind.STATE: STATE,
     TopicKind.HEARTBEAT: HEARTBEAT,
+    TopicKind.DRIFT: DRIFT,
     TopicKind.UPDATE: UPDATE,
 }
 
@@ -107,6 +134,7 @@ def rejected(topic: str, payload: Any, max_bytes: int = MAX_MESSAGE_BYTES) -> st
     except MessageRejected as exc:
         assert exc.reason in set(RejectReason), exc.reason
         assert exc.detail
+        assert "refused by protocol.drift (" not in exc.detail  # DriftError, not another error
         return exc.reason
     return None
 
@@ -177,6 +205,15 @@ def test_encode_gives_the_documented_wire_form_and_parses_back(kind: TopicKind) 
     assert parse_message(device_topic(DEVICE, kind), payload) == env
 
 
+def test_drift_summary_travels_whole() -> None:
+    env = envelope(TopicKind.DRIFT)
+    parsed = parse_message(device_topic(DEVICE, TopicKind.DRIFT), encode(env))
+    assert parsed == env
+    assert isinstance(parsed.body, DriftSummary)
+    assert parsed.body.verdict.drifted  # a shift of one standard deviation
+    assert parsed.body.counts.n == 300
+
+
 def test_will_body_and_optional_fields_round_trip() -> None:
     offline = StateBody(online=False, agent_version="0.1.0", profile="x86-generic", model=None)
     quiet = HeartbeatBody(0.0, 0, 0, 0, 0, 0, 0, 0, 0)  # no inference yet, no model
@@ -222,7 +259,7 @@ def _valid_doc(kind: TopicKind = TopicKind.HEARTBEAT) -> dict[str, Any]:
     return doc
 
 
-def _with(path: tuple[str, ...], value: Any, kind: TopicKind = TopicKind.HEARTBEAT) -> bytes:
+def _with(path: tuple[str | int, ...], value: Any, kind: TopicKind = TopicKind.HEARTBEAT) -> bytes:
     doc = _valid_doc(kind)
     target = doc
     for key in path[:-1]:
@@ -276,6 +313,17 @@ OK = encode(envelope(TopicKind.HEARTBEAT))
         (
             device_topic(DEVICE, TopicKind.STATE),
             _with(("body", "model", "runtime"), "tensorrt", TopicKind.STATE),
+            "schema",
+        ),
+        (device_topic(DEVICE, TopicKind.DRIFT), OK, "schema"),  # a heartbeat on `drift`
+        (
+            device_topic(DEVICE, TopicKind.DRIFT),
+            _with(("body", "n"), 301, TopicKind.DRIFT),  # counts no longer add up to n
+            "schema",
+        ),
+        (
+            device_topic(DEVICE, TopicKind.DRIFT),
+            _with(("body", "format"), "edgefleet-drift/2", TopicKind.DRIFT),
             "schema",
         ),
     ],
@@ -333,21 +381,26 @@ def test_fuzz_arbitrary_json(topic: str, doc: Any) -> None:
     rejected(topic, _payload(doc))
 
 
-def _paths(doc: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            out.append((*prefix, key))
-            out.extend(_paths(value, (*prefix, key)))
+Path = tuple[str | int, ...]
+
+
+def _paths(doc: Any, prefix: Path = ()) -> list[Path]:
+    """Every key and list index inside ``doc``."""
+    items = (
+        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    )
+    out: list[Path] = []
+    for key, value in items:
+        out.append((*prefix, key))
+        out.extend(_paths(value, (*prefix, key)))
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(value=json_values, key=st.text(min_size=1, max_size=8), kind=st.sampled_from(list(BODIES)))
-def test_fuzz_valid_envelopes_with_one_field_changed(value: Any, key: str, kind: TopicKind) -> None:
-    """Every field of a valid envelope replaced by ``value``, deleted, or joined by ``key``."""
+def _check_mutations(kind: TopicKind, paths: list[Path], value: Any, key: str) -> None:
+    """Each path of a valid envelope replaced by ``value``, deleted, or joined by ``key``:
+    rejected for its schema, or (when the change happens to be valid) read back the same."""
     topic = device_topic(DEVICE, kind)
-    for path in _paths(_valid_doc(kind)):
+    for path in paths:
         for action in ("replace", "delete", "add"):
             doc = _valid_doc(kind)
             parent = doc
@@ -357,14 +410,41 @@ def test_fuzz_valid_envelopes_with_one_field_changed(value: Any, key: str, kind:
                 parent[path[-1]] = value
             elif action == "delete":
                 del parent[path[-1]]
+            elif isinstance(parent, list):
+                parent.append(value)
             else:
                 parent[key] = value
             reason = rejected(topic, _payload(doc))
-            if reason is None:  # the change happened to be valid: it must read back the same
+            if reason is None:
                 parsed = parse_message(topic, _payload(doc))
                 assert json.loads(encode(parsed)) == doc
             else:
                 assert reason in ("schema", "wrong_device"), (path, action, reason)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=json_values,
+    key=st.text(min_size=1, max_size=8),
+    kind=st.sampled_from([TopicKind.STATE, TopicKind.HEARTBEAT, TopicKind.UPDATE]),
+)
+def test_fuzz_valid_envelopes_with_one_field_changed(value: Any, key: str, kind: TopicKind) -> None:
+    _check_mutations(kind, _paths(_valid_doc(kind)), value, key)
+
+
+DRIFT_PATHS = _paths(_valid_doc(TopicKind.DRIFT))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=json_values,
+    key=st.text(min_size=1, max_size=8),
+    paths=st.lists(st.sampled_from(DRIFT_PATHS), min_size=1, max_size=8, unique=True),
+)
+def test_fuzz_drift_envelopes_with_one_field_changed(
+    value: Any, key: str, paths: list[Path]
+) -> None:
+    _check_mutations(TopicKind.DRIFT, paths, value, key)
 
 
 finite = st.floats(min_value=0, max_value=1e12, allow_nan=False)
