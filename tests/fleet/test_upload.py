@@ -256,7 +256,7 @@ def bomb(size: int) -> bytes:
             tar.addfile(info, io.BytesIO(data))
         info = tarfile.TarInfo("padding.bin")
         info.size = size
-        tar.addfile(info, io.BufferedReader(_Zeros(size)))
+        tar.addfile(info, io.BufferedReader(_Zeros(size)))  # type: ignore[type-var]
     return buffer.getvalue()
 
 
