@@ -316,3 +316,91 @@ def recover(record: UpdateRecord | None, max_attempts: int = MAX_ATTEMPTS) -> Re
         return RecoveryAction(RecoveryKind.RESUME, S.TRIAL)
     # Unknown state (cannot happen with a StrEnum field, kept for future states): be safe.
     return RecoveryAction(RecoveryKind.ROLL_BACK, reason=f"unknown saved state {state!s}")
+
+
+# --- our own rules on a verified desired document -----------------------------------------------
+
+
+class Refusal(StrEnum):
+    """Why a signed desired document or its target was refused (beyond the signature checks of
+    :class:`protocol.desired.DesiredFailure`)."""
+
+    WRONG_MODEL = "wrong_model"  # another model than the one installed
+    DOWNGRADE = "downgrade"  # version not above the installed one, and not a signed rollback
+    ROLLBACK_NOT_OLDER = "rollback_not_older"  # a "rollback" to a version that is not older
+    MIX_AND_MATCH = "mix_and_match"  # the target's signed metadata names another release
+    WRONG_PROFILE = "wrong_profile"  # the artifact is not for this device's profile
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"
+    TOO_LARGE = "too_large"  # bigger than the profile's model size cap
+
+
+@dataclass(frozen=True)
+class Installed:
+    name: str
+    version: int
+
+
+def check_version(model: str, version: int, rollback: bool, installed: Installed | None) -> bool:
+    """Apply the version rule; True if there is something to do, False if ``model`` v``version``
+    is already installed. Raises :class:`FatalUpdateError` (reason a :class:`Refusal`)."""
+    if installed is None:
+        return True  # a device's first model: any signed release
+    if model != installed.name:
+        raise FatalUpdateError(
+            Refusal.WRONG_MODEL,
+            f"the document names model {model!r}, this device runs {installed.name!r}; a device "
+            "changes models only by re-provisioning",
+        )
+    if version == installed.version:
+        return False
+    if rollback and version > installed.version:
+        raise FatalUpdateError(
+            Refusal.ROLLBACK_NOT_OLDER,
+            f"a rollback to v{version} is not older than the installed v{installed.version}",
+        )
+    if not rollback and version < installed.version:
+        raise FatalUpdateError(
+            Refusal.DOWNGRADE,
+            f"v{version} is older than the installed v{installed.version} and the document is "
+            "not a signed rollback; publish a new version or a rollback document",
+        )
+    return True
+
+
+def check_artifact(
+    model: str,
+    version: int,
+    target_model: str,
+    target_version: int,
+    profiles: tuple[str, ...],
+    runtime: str,
+    length: int,
+    profile_name: str,
+    profile_runtimes: tuple[str, ...],
+    max_bytes: int,
+) -> None:
+    """The signed target must be the release the document names, for this device's profile,
+    in a runtime it has, within its size cap. Raises :class:`FatalUpdateError`."""
+    if (target_model, target_version) != (model, version):
+        raise FatalUpdateError(
+            Refusal.MIX_AND_MATCH,
+            f"the document names {model} v{version} but its target is signed as "
+            f"{target_model} v{target_version}",
+        )
+    if profiles and profile_name not in profiles:
+        raise FatalUpdateError(
+            Refusal.WRONG_PROFILE,
+            f"the artifact is built for profiles {', '.join(profiles)}, this device is "
+            f"{profile_name}; the fleet must send this profile's artifact",
+        )
+    if runtime not in profile_runtimes:
+        raise FatalUpdateError(
+            Refusal.RUNTIME_UNAVAILABLE,
+            f"the artifact needs runtime {runtime}, {profile_name} has "
+            f"{', '.join(profile_runtimes)}",
+        )
+    if length > max_bytes:
+        raise FatalUpdateError(
+            Refusal.TOO_LARGE,
+            f"the artifact is {length} bytes, over {profile_name}'s cap of {max_bytes}",
+        )
