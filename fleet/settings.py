@@ -104,21 +104,6 @@ class IngestSettings(_Group):
     batch_wait_ms: int = Field(default=20, ge=0, le=10_000)
 
 
-class IngestSettings(_Group):
-    """MQTT telemetry ingestion (:mod:`fleet.ingest`), run inside ``fleet serve`` when enabled.
-
-    The subscriber's client id is ``{mqtt.client_id}-ingest-{worker}``: keep ``worker`` stable
-    across restarts (the broker keeps the session's queued messages under that id) and give
-    each worker process its own. Workers split the load through ``mqtt.shared_group``.
-    """
-
-    enabled: bool = False
-    worker: str = Field(default="0", pattern=r"^[A-Za-z0-9_-]{1,32}$")
-    shared: bool = True  # $share/{group}/... subscriptions; False: plain (one worker only)
-    batch_max: int = Field(default=100, ge=1, le=10_000)  # <= the broker's max_inflight
-    batch_wait_ms: int = Field(default=20, ge=0, le=10_000)
-
-
 class _ConfigFileSource(InitSettingsSource):
     """The TOML config file, read strictly: a named file that is missing or broken is an error."""
 
@@ -165,7 +150,6 @@ class FleetSettings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     mqtt: MqttSettings = MqttSettings()
     limits: LimitsSettings = LimitsSettings()
-    ingest: IngestSettings = IngestSettings()
     ingest: IngestSettings = IngestSettings()
     timestamp_expiry: Duration = timedelta(days=1)
     device_auth_max_skew: Duration = timedelta(minutes=5)
