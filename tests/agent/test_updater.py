@@ -18,7 +18,11 @@ import dataclasses
 import hashlib
 import http.server
 import itertools
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +37,7 @@ from securesystemslib.signer import CryptoSigner, Signer
 
 from agent.bundle_install import install_bundle, read_bundle
 from agent.drift import DriftAccumulator
+from agent.health_check import run_health_check
 from agent.inference import InferenceService, load_model
 from agent.runtimes import load_runtime
 from agent.slots import Slots
@@ -508,3 +513,64 @@ def test_rollback_of_metadata_is_refused(device: Device, fleet: Fleet) -> None:
     assert (state, reason.split(":")[0]) == (S.FAILED, "verification")
     assert "TUF verification failed" in reason
     assert device.active_version() == 1 and device.serving_version() == 1
+
+
+# --- power loss: SIGKILL inside each state, restart, end on a working model ----------------------
+
+AGENT = Path(__file__).with_name("update_agent.py")
+
+
+@pytest.mark.parametrize(
+    ("pause_in", "version", "file", "final", "serving"),
+    [
+        ("downloading", 2, "model.int8.onnx", "committed", 2),
+        ("verifying", 2, "model.int8.onnx", "committed", 2),
+        ("installing", 2, "model.int8.onnx", "committed", 2),
+        ("health_check", 2, "model.int8.onnx", "committed", 2),
+        ("activating", 2, "model.int8.onnx", "committed", 2),
+        ("trial", 2, "model.int8.onnx", "committed", 2),
+        ("trial", 4, "model.fp32.onnx", "rolled_back", 1),
+        ("rolling_back", 4, "model.fp32.onnx", "rolled_back", 1),
+    ],
+)
+def test_power_loss_in_each_state(
+    tmp_path: Path, fleet: Fleet, pause_in: str, version: int, file: str, final: str, serving: int
+) -> None:
+    profile = load_profile("x86_64-gateway")
+    install_bundle(BUNDLES / "1", Slots(tmp_path / "slots"), profile)
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "root.json").write_bytes(fleet.pinned_root)
+    (tmp_path / "desired.bin").write_bytes(desired(fleet, version, file))
+    (tmp_path / "traffic.json").write_bytes(
+        (BUNDLES / "1" / "golden" / "model.int8.onnx.json").read_bytes()
+    )
+    marker = tmp_path / "paused"
+    argv = [sys.executable, str(AGENT), str(tmp_path), fleet.server.base_url, TOKEN]
+    env = dict(
+        os.environ, EDGEFLEET_TEST_PAUSE_IN=pause_in, EDGEFLEET_TEST_PAUSE_MARKER=str(marker)
+    )
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert first.poll() is None, first.communicate()[0].decode()
+            assert time.monotonic() < deadline, f"never reached {pause_in}"
+            time.sleep(0.02)
+        assert marker.read_text() == pause_in
+        first.send_signal(signal.SIGKILL)  # the power cut
+    finally:
+        first.kill()
+        first.wait()
+    store = UpdateStore(tmp_path / "agent.db")
+    saved = store.load()
+    store.close()
+    assert saved is not None and saved.state.value == pause_in  # saved before its action
+    env.pop("EDGEFLEET_TEST_PAUSE_IN")
+    second = subprocess.run(argv, env=env, capture_output=True, timeout=120)
+    out = second.stdout.decode()
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    assert f"FINAL {final}" in out, out
+    installed = Slots(tmp_path / "slots").active_release()
+    assert installed is not None and installed.release.version == serving
+    verdict = run_health_check(installed, 1, 1000.0)  # the model left active works
+    assert verdict.passed, verdict.reason
