@@ -21,13 +21,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 from sqlite_utils import Database
 
 from fleet.errors import ConflictError, InvalidInputError, NotFoundError, UnavailableError
 from fleet.ingest_writer import read_counters
+from fleet.registry import ArtifactStore
 from protocol.drift import DriftSummary, WindowCounts, merge, score
 from protocol.errors import ProtocolError
 from protocol.reference import ReferenceProfile
@@ -181,29 +181,25 @@ class ReferenceSource(Protocol):
 
 
 class RegistryReferences:
-    """Reference profiles of published releases: the registry's ``release_artifacts`` row of
-    kind ``reference`` names the TUF target, whose content-addressed file holds the profile."""
+    """Reference profiles of published releases: a ``release_artifacts`` row of kind
+    ``reference`` with that sha256, read from the content-addressed :class:`ArtifactStore`."""
 
-    def __init__(self, db: Database, targets_dir: Path) -> None:
+    def __init__(self, db: Database, artifacts: ArtifactStore) -> None:
         self.db = db
-        self.targets_dir = targets_dir
+        self.artifacts = artifacts
 
     def reference(self, sha256: str) -> ReferenceProfile | None:
-        if "release_artifacts" not in self.db.table_names():
-            return None
         row = self.db.execute(
-            "SELECT target_path FROM release_artifacts WHERE kind = 'reference' AND sha256 = ? "
-            "LIMIT 1",
+            "SELECT 1 FROM release_artifacts WHERE kind = 'reference' AND sha256 = ? LIMIT 1",
             [sha256],
         ).fetchone()
         if row is None:
             return None
-        dirname, _, basename = str(row[0]).rpartition("/")
-        path = self.targets_dir / dirname / f"{sha256}.{basename}"
+        path = self.artifacts.path(sha256)
         try:
             data = path.read_bytes()
         except OSError as exc:
-            log.warning("reference profile %s listed but unreadable: %s", sha256, exc)
+            log.error("reference profile %s is published but unreadable: %s", sha256, exc)
             return None
         if hashlib.sha256(data).hexdigest() != sha256:
             log.error("reference profile file %s does not match its sha256", path)

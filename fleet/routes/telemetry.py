@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fleet.auth import Viewer
 from fleet.dependencies import DB, Context, Now
 from fleet.ingest import IngestConfig, Ingester, IngestMetrics
+from fleet.registry import ArtifactStore
 from fleet.telemetry import (
     DeviceTelemetry,
     DriftWindow,
@@ -57,7 +58,7 @@ def get_telemetry(db: DB) -> TelemetryService:
 
 
 def get_references(db: DB, ctx: Context) -> RegistryReferences:
-    return RegistryReferences(db, ctx.settings.tuf_dir / "targets")
+    return RegistryReferences(db, ArtifactStore(ctx.settings.artifacts_dir))
 
 
 Telemetry = Annotated[TelemetryService, Depends(get_telemetry)]
