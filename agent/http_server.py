@@ -47,6 +47,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "edgefleet-agent"
     sys_version = ""
     timeout = 60  # an idle keep-alive connection is closed after this many seconds
+    # headers and body go out as separate writes: without TCP_NODELAY, Nagle's algorithm
+    # holds the body until the client's delayed ACK (40 ms) on every keep-alive request
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)

@@ -79,17 +79,18 @@ class DriftBuffer:
     """Rows on their way to the drift accumulator, handed over in blocks.
 
     The accumulator's ``add`` costs microseconds per call whatever the batch size, which at
-    batch 1 would be most of the agent's overhead; copying a row here costs a fraction of that.
-    Not thread-safe: the service uses it under the model's lock.
+    batch 1 would be most of the agent's overhead; keeping a copy of the batch here costs a
+    fraction of that. Not thread-safe: the service uses it under the model's lock.
     """
 
-    __slots__ = ("sink", "inputs", "predicted", "fill")
+    __slots__ = ("sink", "inputs", "predicted", "fill", "limit")
 
-    def __init__(self, sink: DriftSink, features: int, rows: int = 256) -> None:
+    def __init__(self, sink: DriftSink, limit: int = 256) -> None:
         self.sink = sink
-        self.inputs = np.empty((rows, features), dtype=_F32)
-        self.predicted = np.empty(rows, dtype=np.int64)
+        self.inputs: list[np.ndarray] = []
+        self.predicted: list[np.ndarray] = []
         self.fill = 0
+        self.limit = limit
 
     @property
     def rows(self) -> int:
@@ -97,30 +98,25 @@ class DriftBuffer:
         return self.sink.rows + self.fill
 
     def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
-        n = inputs.shape[0]
-        fill = self.fill
-        if fill + n > self.predicted.shape[0]:
+        # a copy: the caller may reuse its array once predict returns
+        self.inputs.append(inputs.copy())
+        self.predicted.append(predicted)
+        self.fill += inputs.shape[0]
+        if self.fill >= self.limit:
             self.flush()
-            fill = 0
-            if n >= self.predicted.shape[0]:
-                self._hand_over(inputs, predicted)
-                return
-        self.inputs[fill : fill + n] = inputs
-        self.predicted[fill : fill + n] = predicted
-        self.fill = fill + n
 
     def flush(self) -> None:
-        if self.fill:
-            self._hand_over(self.inputs[: self.fill], self.predicted[: self.fill])
-            self.fill = 0
-
-    def _hand_over(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
+        if not self.fill:
+            return
+        inputs = np.concatenate(self.inputs) if len(self.inputs) > 1 else self.inputs[0]
+        predicted = np.concatenate(self.predicted) if len(self.predicted) > 1 else self.predicted[0]
+        self.inputs.clear()
+        self.predicted.clear()
+        self.fill = 0
         try:
-            self.sink.add(inputs, predicted)  # copies the rows: the buffer can be reused
+            self.sink.add(inputs, predicted)
         except Exception:  # drift is a report about serving, never a reason to fail serving
-            log.exception(
-                "the drift accumulator refused %d rows; they are not counted", len(inputs)
-            )
+            log.exception("the drift accumulator refused %d rows; not counted", len(inputs))
 
 
 class ModelState:
@@ -159,18 +155,16 @@ class LoadedModel:
     drift: DriftSink | None
     loaded_at: float  # wall clock
     state: ModelState = field(init=False)
+    n_features: int = field(init=False)
 
     def __post_init__(self) -> None:
-        buffer = None if self.drift is None else DriftBuffer(self.drift, self.n_features)
+        buffer = None if self.drift is None else DriftBuffer(self.drift)
         object.__setattr__(self, "state", ModelState(buffer))
+        object.__setattr__(self, "n_features", len(self.installed.release.feature_names))
 
     @property
     def release(self) -> Release:
         return self.installed.release
-
-    @property
-    def n_features(self) -> int:
-        return len(self.installed.release.feature_names)
 
 
 def load_model(

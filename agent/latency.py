@@ -3,8 +3,9 @@
 :class:`LatencyRecorder` keeps the last ``window`` latencies in a ring buffer (quantiles of
 recent traffic: p50/p95/p99 for the health page, the heartbeat and an update's trial) and a
 cumulative fixed-bucket histogram since start (Prometheus' ``_bucket``/``_sum``/``_count``).
-Recording is a few list stores and one ``bisect``; sorting happens only when someone reads the
-figures. Not thread-safe on its own: the caller records under its lock.
+Recording is a list store and two additions; samples are binned into the histogram when the
+ring wraps or someone reads the figures, and sorting happens only on a read. Not thread-safe
+on its own: the caller records under its lock.
 """
 
 from __future__ import annotations
@@ -56,19 +57,29 @@ class LatencyRecorder:
             raise ValueError("window must be at least 1")
         self._ring = [0.0] * window
         self._next = 0
+        self._folded = 0  # ring[_folded:_next] are not in the histogram yet
         self._count = 0
         self._total = 0.0
         self._buckets = [0] * (len(BUCKETS) + 1)
 
     def record(self, seconds: float) -> None:
-        ring = self._ring
-        ring[self._next] = seconds
-        self._next = (self._next + 1) % len(ring)
+        i = self._next
+        self._ring[i] = seconds
+        i += 1
+        if i == len(self._ring):  # the ring wraps: bin what it holds before it is overwritten
+            self._fold(i)
+            i = self._folded = 0
+        self._next = i
         self._count += 1
         self._total += seconds
-        self._buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+
+    def _fold(self, end: int) -> None:
+        for seconds in self._ring[self._folded : end]:
+            self._buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self._folded = end
 
     def stats(self) -> LatencyStats:
+        self._fold(self._next)
         n = min(self._count, len(self._ring))
         recent = sorted(self._ring[:n]) if n else []
         cumulative = []

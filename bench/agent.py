@@ -1,7 +1,11 @@
 """Agent benchmarks: print figures, each beside a baseline measured in the same run.
 
 One function per section; ``main`` runs them all (or the ones named with ``--section``).
-Sections: ``drift`` (accumulation rows/s for 32 features, closing a window, merging summaries).
+Sections: ``drift`` (accumulation rows/s for 32 features, closing a window, merging summaries),
+``predict`` (the agent's predict path at batch 1 and 64 against the bare runtime, interleaved,
+same threads; and over HTTP), ``memory`` (resident memory of a real ``edge-agent run`` with a
+model loaded and connected to a broker, LiteRT and onnxruntime, against a bare process that only
+loads the same model).
 
 Run: ``.venv/bin/python -m bench.agent [--section drift] [--quick]`` (or ``bench/agent.py``).
 Figures depend on the machine and its load; compare the ratios, not the absolute numbers, across
@@ -127,7 +131,241 @@ def bench_drift(quick: bool) -> None:
     )
 
 
-SECTIONS: dict[str, Callable[[bool], None]] = {"drift": bench_drift}
+# --- the predict path ---------------------------------------------------------------------------
+
+BUNDLE = Path(__file__).resolve().parents[1] / "models" / "bundles" / "pdm-classifier" / "1"
+# one profile per runtime: each picks that runtime's int8 artifact of the bundle
+RUNTIME_PROFILES = {"onnxruntime": "x86_64-gateway", "litert": "rpi4-aarch64"}
+
+
+def _interleaved(
+    a: Callable[[], object], b: Callable[[], object], calls: int, rounds: int
+) -> tuple[float, float, float, float]:
+    """Per-call seconds of ``a`` and ``b``, measured in alternating rounds so that both see the
+    same machine load: (best wall a, best wall b, best CPU a, best CPU b). The process CPU time
+    is the steadier figure on a shared machine: time spent waiting for a core is not in it."""
+    wall: tuple[list[float], list[float]] = ([], [])
+    cpu: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for i, fn in enumerate((a, b)):
+            c, t = time.process_time(), time.perf_counter()
+            for _ in range(calls):
+                fn()
+            wall[i].append((time.perf_counter() - t) / calls)
+            cpu[i].append((time.process_time() - c) / calls)
+    return min(wall[0]), min(wall[1]), min(cpu[0]), min(cpu[1])
+
+
+def bench_predict(quick: bool) -> None:
+    """InferenceService.predict (validation, runtime, argmax, drift feed, counters, latency)
+    against runtime.predict on the same artifact, same thread count, interleaved; then the same
+    over HTTP with the Python client (keep-alive)."""
+    import tempfile
+
+    from agent.bundle_install import install_bundle
+    from agent.client import AgentClient
+    from agent.config import Listen
+    from agent.http_server import predict_server
+    from agent.inference import InferenceService, load_model
+    from agent.runtimes import Runtime, load_runtime
+    from agent.slots import Slots
+    from firmware_profiles import load_profile
+    from protocol.golden import GoldenSet
+
+    # many short rounds: the best round of each path is the one the machine left alone
+    rounds = 31 if quick else 101
+    print("== predict path: agent vs bare runtime (same artifact, same threads, interleaved) ==")
+    print(
+        f"{'runtime':12s} {'batch':>5s} {'bare us':>9s} {'agent us':>9s} {'overhead':>9s} "
+        f"{'ratio':>6s} {'cpu':>7s} {'no drift':>9s} {'http us':>9s} {'http':>8s}"
+    )
+    for runtime, profile_name in RUNTIME_PROFILES.items():
+        profile = load_profile(profile_name)
+        threads = profile.inference_threads
+        with tempfile.TemporaryDirectory() as tmp:
+            installed = install_bundle(BUNDLE, Slots(Path(tmp)), profile).installed
+            service = InferenceService(max_rows=1024)
+            service.swap(load_model(installed, threads, DriftAccumulator))
+            plain = InferenceService(max_rows=1024)  # the same without the drift feed
+            plain.swap(load_model(installed, threads))
+            bare = load_runtime(installed.artifact_path, installed.release.runtime, threads)
+            server = predict_server(Listen("127.0.0.1", 0), service, 16 * 1024 * 1024)
+            server.start()
+            client = AgentClient(server.url)
+            golden = GoldenSet.from_json(installed.file(installed.release.golden).read_bytes())
+            try:
+                for batch in (1, 64):
+                    x = np.ascontiguousarray(
+                        np.resize(golden.inputs, (batch, golden.n_features)), dtype=np.float32
+                    )
+                    calls = 200 if batch == 1 else 25
+                    for _ in range(50):  # warm up every path (allocations, tensor resizes)
+                        bare.predict(x)
+                        service.predict(x)
+                        plain.predict(x)
+
+                    def run_bare(x: np.ndarray = x, rt: Runtime = bare) -> object:
+                        return rt.predict(x)
+
+                    def run_agent(x: np.ndarray = x, svc: InferenceService = service) -> object:
+                        return svc.predict(x)
+
+                    def run_plain(x: np.ndarray = x, svc: InferenceService = plain) -> object:
+                        return svc.predict(x)
+
+                    rows = x.tolist()
+
+                    def run_http(rows: list[list[float]] = rows, c: AgentClient = client) -> None:
+                        for _ in range(20):
+                            c.predict(rows)
+
+                    b, a, cb, ca = _interleaved(run_bare, run_agent, calls, rounds)
+                    _, _, cb2, cp = _interleaved(run_bare, run_plain, calls, rounds)
+                    http = _best_seconds(run_http, max(3, rounds // 4)) / 20
+                    print(
+                        f"{runtime:12s} {batch:5d} {b * 1e6:9.1f} {a * 1e6:9.1f} "
+                        f"{(a - b) * 1e6:8.1f}u {a / b:5.2f}x {ca / cb:6.2f}x "
+                        f"{cp / cb2:8.2f}x {http * 1e6:9.1f} {http / b:7.1f}x"
+                    )
+            finally:
+                client.close()
+                server.stop()
+                service.close()
+                plain.close()
+                bare.close()
+    print(
+        "(ratio: best wall time agent / bare, target <= 1.2x at batch 1; cpu: the same in "
+        "process CPU time; overhead: the agent's own wall microseconds per call; no drift: the "
+        "cpu ratio without the drift feed; http: a keep-alive AgentClient round trip, as a "
+        "multiple of bare.)"
+    )
+
+
+# --- memory of a real agent process -------------------------------------------------------------
+
+_BARE_SERVER = """
+import sys, time, numpy as np, psutil
+from agent.runtimes import load_runtime
+rt = load_runtime(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+x = np.zeros((64, rt.input.shape[1]), np.float32)
+for i in range(300):
+    rt.predict(x if i % 2 else x[:1])
+print(psutil.Process().memory_info().rss, flush=True)
+"""
+
+
+def bench_memory(quick: bool) -> None:
+    """RSS of ``edge-agent run`` with the model loaded, connected to a real Mosquitto, after
+    predictions and a heartbeat; beside a bare process that imports only numpy and the runtime
+    and runs the same model (the floor any process serving this model pays)."""
+    import json as json_module
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    import psutil
+
+    from agent.bundle_install import install_bundle
+    from agent.client import AgentClient, AgentClientError
+    from agent.config import (
+        AgentConfig,
+        DeviceConfig,
+        HttpConfig,
+        Listen,
+        MqttConfig,
+        TelemetryConfig,
+        save_config,
+    )
+    from agent.slots import Slots
+    from firmware_profiles import load_profile
+    from simulators.broker import MosquittoBroker, free_port
+
+    targets = {"litert": 64.0, "onnxruntime": 90.0}
+    repo = Path(__file__).resolve().parents[1]
+    print("== memory: resident set of `edge-agent run` (model loaded, broker connected) ==")
+    print(
+        f"{'runtime':12s} {'agent MiB':>9s} {'USS MiB':>8s} {'bare MiB':>8s} {'agent/bare':>10s} "
+        f"{'target':>7s}"
+    )
+    with tempfile.TemporaryDirectory() as tmp, MosquittoBroker(Path(tmp) / "broker") as broker:
+        for runtime in ("litert", "onnxruntime"):
+            profile = load_profile(RUNTIME_PROFILES[runtime])
+            state = Path(tmp) / runtime
+            config = AgentConfig(
+                state_dir=state,
+                device=DeviceConfig(f"bench-{runtime}", profile.name, "http://127.0.0.1:9"),
+                mqtt=MqttConfig("127.0.0.1", broker.port),
+                http=HttpConfig(
+                    predict_listen=Listen("127.0.0.1", free_port()),
+                    health_listen=Listen("127.0.0.1", free_port()),
+                ),
+                telemetry=TelemetryConfig(heartbeat_seconds=1.0),
+            )
+            state.mkdir()
+            save_config(config)
+            installed = install_bundle(BUNDLE, Slots(config.paths.slots), profile).installed
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--state-dir", str(state)],
+                cwd=repo,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                client = AgentClient(f"http://{config.http.predict_listen}", timeout=5)
+                deadline = time.monotonic() + 60
+                health: dict[str, object] = {}
+                while not health.get("broker_connected"):
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"the {runtime} agent did not come up")
+                    try:
+                        url = f"http://{config.http.health_listen}/health"
+                        with urllib.request.urlopen(url, timeout=2) as r:
+                            health = json_module.loads(r.read())
+                    except OSError:
+                        time.sleep(0.1)
+                x = np.zeros((64, 24), np.float32)
+                for i in range(100 if quick else 500):
+                    try:
+                        client.predict(x if i % 2 else x[:1])
+                    except AgentClientError as exc:
+                        raise RuntimeError(f"the {runtime} agent refused: {exc}") from None
+                client.close()
+                time.sleep(1.5)  # a heartbeat or two
+                info = psutil.Process(proc.pid).memory_full_info()
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            bare = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    _BARE_SERVER,
+                    str(installed.artifact_path),
+                    runtime,
+                    str(profile.inference_threads),
+                ],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(repo)},
+            )
+            bare_rss = int(bare.stdout.strip().splitlines()[-1]) / 2**20
+            rss = info.rss / 2**20
+            print(
+                f"{runtime:12s} {rss:9.1f} {info.uss / 2**20:8.1f} {bare_rss:8.1f} "
+                f"{rss / bare_rss:9.2f}x {targets[runtime]:6.0f}  "
+                + ("ok" if rss <= targets[runtime] else "OVER")
+            )
+
+
+SECTIONS: dict[str, Callable[[bool], None]] = {
+    "drift": bench_drift,
+    "predict": bench_predict,
+    "memory": bench_memory,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from agent.inference import (
     batch_from_json,
     load_model,
 )
+from agent.latency import LatencyRecorder, quantile
 from agent.runtimes import load_runtime
 from agent.slots import Slots
 from firmware_profiles import load_profile
@@ -207,3 +208,28 @@ def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
     svc.close()
     with pytest.raises(NoModelError):
         svc.predict(x)
+
+
+@pytest.mark.parametrize("window", [1, 7, 2048])
+def test_latency_recorder_histogram_is_exact_across_wraps(window: int) -> None:
+    rng = np.random.default_rng(window)
+    samples = rng.lognormal(-7, 1.5, size=5000).tolist()
+    recorder = LatencyRecorder(window)
+    for i, s in enumerate(samples):
+        recorder.record(s)
+        if i in (3, 999):  # reads in between must not count anything twice
+            recorder.stats()
+    stats = recorder.stats()
+    assert stats.count == 5000 and stats.total_seconds == pytest.approx(sum(samples))
+    for le, cumulative in stats.buckets:
+        assert cumulative == sum(1 for s in samples if s <= le)
+    recent = sorted(samples[-window:])
+    assert stats.window == len(recent)
+    assert stats.p50 == quantile(recent, 0.5) and stats.p99 == quantile(recent, 0.99)
+    assert stats.p50 is not None and stats.p95 is not None and stats.p50 <= stats.p95
+
+
+def test_latency_recorder_empty() -> None:
+    stats = LatencyRecorder().stats()
+    assert (stats.count, stats.p50, stats.p95, stats.p99) == (0, None, None, None)
+    assert all(c == 0 for _, c in stats.buckets)
