@@ -8,9 +8,13 @@ the answer is 201 with the release, or 400/409/413/422 saying what is wrong with
 
 from __future__ import annotations
 
+import logging
 import secrets
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, FastAPI, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from fleet.auth import Operator, Viewer
@@ -19,7 +23,21 @@ from fleet.dependencies import DB, Context, Now
 from fleet.errors import BundleArchiveError, BundleTooLargeError
 from fleet.registry import ModelRegistry, ModelSummary, PublishedRelease, Release, ReleaseService
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1", tags=["models"])
+UPLOADS = "uploads"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Remove upload working directories a crash left behind (nothing in them was published)."""
+    uploads = app.state.fleet.settings.data_dir / UPLOADS
+    if uploads.is_dir():
+        for stale in uploads.iterdir():
+            log.info("removing the unfinished upload %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    yield
 
 
 @router.post(
@@ -44,7 +62,7 @@ async def upload_bundle(
             f"the upload is {declared} bytes, over the limit of {limits.max_compressed} "
             "(limits.max_upload_bytes); make the bundle smaller or raise the limit"
         )
-    work = ctx.settings.data_dir / "uploads" / secrets.token_hex(8)
+    work = ctx.settings.data_dir / UPLOADS / secrets.token_hex(8)
     work.mkdir(parents=True)
     try:
         archive = work / "bundle.tar.gz"

@@ -397,3 +397,13 @@ def test_a_giant_pax_header_cannot_exhaust_memory(tmp_path: Path) -> None:
     archive.write_bytes(_tar_gz((info, b"")))
     with pytest.raises(BundleTooLargeError, match="unpacks to more"):
         unpack(archive, tmp_path / "out", LIMITS)
+
+
+def test_a_crashed_upload_is_cleaned_up_at_start(
+    settings: FleetSettings, launch: Callable[[FastAPI], str]
+) -> None:
+    stale = settings.data_dir / "uploads" / "0123456789abcdef"
+    (stale / "unpacked").mkdir(parents=True)
+    (stale / "bundle.tar.gz").write_bytes(b"half")
+    launch(create_app(settings))
+    assert not stale.exists()
