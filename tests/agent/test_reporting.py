@@ -29,6 +29,7 @@ from agent.outbox import Outbox
 from agent.reporter import PeriodicJob, Reporter, start_periodic
 from protocol.drift import DriftSummary, count_rows, summarize
 from protocol.messages import (
+    ActiveModel,
     Envelope,
     HeartbeatBody,
     ModelRef,
@@ -37,12 +38,13 @@ from protocol.messages import (
     parse_message,
 )
 from protocol.reference import build_reference_profile
-from protocol.topics import TopicKind
+from protocol.topics import TopicKind, desired_topic
 from simulators.broker import MosquittoBroker
 
 DEVICE = "dev-7"
 AGENT = Path(__file__).with_name("reporting_agent.py")
 STATE = StateBody(online=True, agent_version="test", profile="x86-generic")
+NEW_MODEL = StateBody(True, "test", "x86-generic", ActiveModel("vibration", 4, "b", "litert"))
 
 
 @dataclass(frozen=True)
@@ -122,13 +124,12 @@ def first_arrivals(seqs: list[int]) -> list[int]:
 class InProcessAgent:
     def __init__(self, db: Path, broker: MosquittoBroker, max_rows: int = 100_000) -> None:
         self.outbox = Outbox(db, DEVICE, max_rows=max_rows)
-        self.link = MqttLink(LinkConfig(DEVICE, broker.host, broker.port), self.outbox, self.state)
+        self.current = STATE
+        self.link = MqttLink(
+            LinkConfig(DEVICE, broker.host, broker.port), self.outbox, lambda: self.current
+        )
         self.reporter = Reporter(self.outbox, self.link)
         self.link.start()
-
-    @staticmethod
-    def state() -> StateBody:
-        return STATE
 
     def beat(self, n: int) -> int:
         return self.reporter.report_heartbeat(HeartbeatBody(n, 1.0, 1, 2, 3, 0, 0, n, 0))
@@ -179,13 +180,18 @@ def test_reports_arrive_with_the_envelope_after_the_retained_birth(
         )
         fleet.wait_for(lambda: len(fleet.of(TopicKind.UPDATE)) == 1)
         fleet.wait_for(lambda: agent.outbox.depth() == 0)  # acked rows are deleted
+        agent.current = NEW_MODEL  # e.g. an update committed: the retained state follows
+        agent.link.refresh_state()
+        fleet.wait_for(lambda: len(fleet.of(TopicKind.STATE)) == 2)
     finally:
         agent.close()
-    (birth, offline) = [r.env for r in fleet.of(TopicKind.STATE)]
+    (birth, refreshed, offline) = [r.env for r in fleet.of(TopicKind.STATE)]
     assert birth.body == STATE and birth.device == DEVICE
+    assert refreshed.body == NEW_MODEL
     assert offline.body.online is False  # type: ignore[attr-defined]
-    # the birth takes the first seq of the connection's block, the will (= clean offline) the last
-    assert offline.seq == birth.seq + STATE_BLOCK - 1
+    # the birth takes the first seq of the connection's block, a refresh the next, and the will
+    # (= the clean offline state) the last, so it outranks them all
+    assert (refreshed.seq, offline.seq) == (birth.seq + 1, birth.seq + STATE_BLOCK - 1)
     (beat,) = [r.env for r in fleet.of(TopicKind.HEARTBEAT)]
     assert (beat.device, beat.seq) == (DEVICE, hb)
     assert before <= beat.ts <= time.time()
@@ -194,6 +200,42 @@ def test_reports_arrive_with_the_envelope_after_the_retained_birth(
     assert (window.seq, window.body) == (drift, summary)
     assert fleet.of(TopicKind.UPDATE)[0].env.seq == update > drift > hb > birth.seq
     assert offline.seq < hb or offline.seq > update  # state seqs come from their own block
+
+
+def test_subscriptions_are_renewed_on_every_connect(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    agent = InProcessAgent(tmp_path / "agent.db", broker)
+    got: list[bytes] = []
+    agent.link.subscribe(desired_topic(DEVICE), lambda _topic, payload: got.append(payload))
+    fleet_side = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="desired-publisher")
+
+    def publish(payload: bytes) -> None:
+        fleet_side.connect(broker.host, broker.port)
+        fleet_side.loop_start()
+        fleet_side.publish(desired_topic(DEVICE), payload, qos=1, retain=True).wait_for_publish(5)
+        fleet_side.disconnect()
+        fleet_side.loop_stop()
+
+    def wait_for(payload: bytes, times: int = 1) -> None:
+        deadline = time.monotonic() + 10
+        while got.count(payload) < times:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.02)
+
+    try:
+        agent.wait_connected()
+        publish(b"release-1")
+        wait_for(b"release-1")
+        # a restarted broker forgets MQTT 5 sessions: only a renewed subscription gets release 2
+        broker.restart()
+        wait_for(b"release-1", times=2)  # retained: delivered again on the renewed subscription
+        publish(b"release-2")
+        wait_for(b"release-2")
+    finally:
+        agent.close()
+    assert got == [b"release-1", b"release-1", b"release-2"]
+    assert agent.link.status().connects_total == 2
 
 
 def test_periodic_jobs_run_on_schedule_and_survive_a_failing_run(
@@ -270,15 +312,19 @@ def test_broker_outage_loses_nothing_and_flushes_in_order(
 
 
 def test_unreachable_broker_at_start_then_bound_evicts_oldest_and_counts(
-    broker: MosquittoBroker, fleet: FleetView, tmp_path: Path
+    broker: MosquittoBroker, fleet: FleetView, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     broker.stop()
+    caplog.set_level(logging.INFO, logger="agent.mqtt_link")
     agent = InProcessAgent(tmp_path / "agent.db", broker, max_rows=20)
     try:
         made = [agent.beat(i) for i in range(30)]  # nothing reachable: must not raise
         assert agent.outbox.depth() == 20 and agent.outbox.evicted_total() == 10
+        time.sleep(1.5)  # the first attempt and a retry fail
         assert not agent.link.status().connected
         assert "cannot reach the MQTT broker" in str(agent.link.status().last_error)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "cannot reach the MQTT broker" in warnings[0], warnings
         broker.start()
         agent.wait_connected()
         fleet.wait_for(lambda: set(made[10:]) <= set(fleet.seqs()))
