@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -71,7 +71,7 @@ class LinkConfig:
     host: str
     port: int = 1883
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     keepalive: int = 30
     tls_context: ssl.SSLContext | None = None  # built by the caller (CA file, client cert)
     inflight_window: int = 20
@@ -262,7 +262,11 @@ class MqttLink:
         self._events.put(_Resubscribe(topic_filter))
 
     def refresh_state(self) -> None:
-        """Publish the retained state again (e.g. after the active model changed)."""
+        """Publish the retained state again (e.g. after the active model changed).
+
+        Up to ``STATE_BLOCK - 2`` refreshes per connection keep a seq below the will's; more are
+        skipped with a warning until the next connect (the heartbeat carries the model anyway).
+        """
         self._events.put(_RefreshState())
 
     def status(self) -> LinkStatus:
@@ -458,27 +462,10 @@ class _Flusher:
     def step(self, batch: list[_Event]) -> None:
         acked: list[int] = []
         for event in batch:
-            if isinstance(event, _Acked):
-                self._acked(event, acked)
-            elif isinstance(event, _Connected):
-                self._connected(event.block)
-            elif isinstance(event, _Disconnected):
-                self.connected = False
-                self.inflight.clear()
-                self.cursor = 0
-            elif isinstance(event, _Wake):
-                with self.link._lock:
-                    self.link._wake_pending = False
-            elif isinstance(event, _Resubscribe) and self.connected:
-                self._subscribe(event.topic_filter)
-            elif isinstance(event, _RefreshState) and self.connected:
-                self._publish_state()
-            elif isinstance(event, _ReserveBlock):
-                block = _Block(self.link._outbox.reserve(STATE_BLOCK))
-                with self.link._lock:
-                    self.link._next_block = block
-            elif isinstance(event, _Stop):
-                self.stop_deadline = event.deadline
+            try:
+                self._handle(event, acked)
+            except Exception:  # one failed event must not swallow the acks after it
+                log.exception("MQTT flusher could not handle %s", type(event).__name__)
         if acked:
             self.link._outbox.ack_many(acked)
         if self.connected:
@@ -488,6 +475,29 @@ class _Flusher:
         with self.link._lock:
             self.link._inflight_count = len(self.inflight)
             self.link._acked_total += len(acked)
+
+    def _handle(self, event: _Event, acked: list[int]) -> None:
+        if isinstance(event, _Acked):
+            self._acked(event, acked)
+        elif isinstance(event, _Connected):
+            self._connected(event.block)
+        elif isinstance(event, _Disconnected):
+            self.connected = False
+            self.inflight.clear()
+            self.cursor = 0
+        elif isinstance(event, _Wake):
+            with self.link._lock:
+                self.link._wake_pending = False
+        elif isinstance(event, _Resubscribe) and self.connected:
+            self._subscribe(event.topic_filter)
+        elif isinstance(event, _RefreshState) and self.connected:
+            self._publish_state()
+        elif isinstance(event, _ReserveBlock):
+            block = _Block(self.link._outbox.reserve(STATE_BLOCK))
+            with self.link._lock:
+                self.link._next_block = block
+        elif isinstance(event, _Stop):
+            self.stop_deadline = event.deadline
 
     def _acked(self, event: _Acked, acked: list[int]) -> None:
         if event.mid == self.offline_mid:
