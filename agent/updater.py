@@ -54,6 +54,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from agent.errors import AgentError
+from agent.health import UpdateFigures
 from agent.health_check import run_health_check
 from agent.inference import DriftFactory, DriftSink, InferenceService, LoadedModel, load_model
 from agent.runtimes import Runtime, load_runtime
@@ -223,7 +224,11 @@ class Updater:
     def start(self) -> None:
         """Count this start into an unfinished update, then run the worker (which first
         resumes or reverts that update, then waits for desired documents)."""
-        record = self.store.start()
+        try:
+            record = self.store.start()
+        except AgentError as exc:  # an unreadable record: keep the active slot, take new ones
+            log.error("%s", exc)
+            record = None
         self._thread = threading.Thread(
             target=self._run, args=(record,), name="updater", daemon=True
         )
@@ -247,6 +252,19 @@ class Updater:
     def status(self) -> UpdateRecord | None:
         """The current (or last) update record."""
         return self.store.load()
+
+    def figures(self) -> UpdateFigures | None:
+        """The health page's view of the current (or last) update."""
+        try:
+            record = self.store.load()
+        except AgentError as exc:
+            return UpdateFigures("unknown", reason=str(exc))
+        if record is None:
+            return None
+        result = ""
+        if record.state in TERMINAL:
+            result = f"{record.state.value} {record.model} v{record.version}"
+        return UpdateFigures(record.state.value, result, record.reason, record.entered_at)
 
     def wait_settled(self, timeout: float) -> UpdateRecord | None:
         """Block until no document is pending and no update is under way (tests, CLI)."""

@@ -16,12 +16,16 @@ from agent.update_states import (
     Baseline,
     FatalUpdateError,
     IllegalTransition,
+    Installed,
     RecoveryKind,
+    Refusal,
     TargetRef,
     TransientUpdateError,
     UpdateEvent,
     UpdateRecord,
     UpdateState,
+    check_artifact,
+    check_version,
     next_state,
     recover,
 )
@@ -183,3 +187,70 @@ def test_errors_split() -> None:
     assert TransientUpdateError("network", "x").transient
     assert not FatalUpdateError("bad_signature", "x").transient
     assert FatalUpdateError("bad_signature", "x").reason == "bad_signature"
+
+
+@pytest.mark.parametrize(
+    ("version", "rollback", "installed", "outcome"),
+    [
+        (2, False, None, True),  # first model: anything signed
+        (1, True, None, True),
+        (3, False, Installed("pdm-classifier", 2), True),
+        (2, False, Installed("pdm-classifier", 2), False),  # already there
+        (2, True, Installed("pdm-classifier", 2), False),
+        (1, False, Installed("pdm-classifier", 2), Refusal.DOWNGRADE),
+        (1, True, Installed("pdm-classifier", 2), True),  # a signed rollback
+        (3, True, Installed("pdm-classifier", 2), Refusal.ROLLBACK_NOT_OLDER),
+        (3, False, Installed("other", 2), Refusal.WRONG_MODEL),
+    ],
+)
+def test_version_rule(
+    version: int, rollback: bool, installed: Installed | None, outcome: bool | Refusal
+) -> None:
+    if isinstance(outcome, Refusal):
+        with pytest.raises(FatalUpdateError) as info:
+            check_version("pdm-classifier", version, rollback, installed)
+        assert info.value.reason == outcome
+    else:
+        assert check_version("pdm-classifier", version, rollback, installed) is outcome
+
+
+GOOD = {
+    "target_model": "m",
+    "target_version": 2,
+    "profiles": (),
+    "runtime": "onnxruntime",
+    "length": 100,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({}, None),
+        ({"profiles": ("x86_64-gateway",)}, None),
+        ({"target_version": 3}, Refusal.MIX_AND_MATCH),
+        ({"target_model": "n"}, Refusal.MIX_AND_MATCH),
+        ({"profiles": ("rpi3-armv7l",)}, Refusal.WRONG_PROFILE),
+        ({"runtime": "tensorrt"}, Refusal.RUNTIME_UNAVAILABLE),
+        ({"length": 1001}, Refusal.TOO_LARGE),
+    ],
+)
+def test_artifact_rule(change: dict[str, object], refusal: Refusal | None) -> None:
+    kwargs = {**GOOD, **change}
+
+    def run() -> None:
+        check_artifact(
+            "m",
+            2,
+            profile_name="x86_64-gateway",
+            profile_runtimes=("onnxruntime", "litert"),
+            max_bytes=1000,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    if refusal is None:
+        run()
+    else:
+        with pytest.raises(FatalUpdateError) as info:
+            run()
+        assert info.value.reason == refusal

@@ -183,6 +183,7 @@ def _publish(
     replace_files: dict[str, bytes] | None = None,
     profiles: tuple[str, ...] | None = None,
     custom_version: int | None = None,
+    now: datetime | None = None,
 ) -> None:
     files = dict(files, **(replace_files or {}))
     lengths = {name: (hashlib.sha256(d).hexdigest(), len(d)) for name, d in files.items()}
@@ -212,7 +213,7 @@ def _publish(
                     path=custom[ref]["path"].replace(f"/{version}/", f"/{custom_version}/"),
                 )
         items.append((target.path, files[target.bundle_file], custom))
-    repo.add_targets(items, _now())
+    repo.add_targets(items, now or _now())
 
 
 @pytest.fixture(scope="module")
@@ -513,6 +514,59 @@ def test_rollback_of_metadata_is_refused(device: Device, fleet: Fleet) -> None:
     assert (state, reason.split(":")[0]) == (S.FAILED, "verification")
     assert "TUF verification failed" in reason
     assert device.active_version() == 1 and device.serving_version() == 1
+
+
+def _small_fleet(tmp: Path, now: datetime) -> Fleet:
+    """A repository of its own (published at ``now``) with v2, for tests that change its keys."""
+    root_key = CryptoSigner.generate_ed25519()
+    online = {r: CryptoSigner.generate_ed25519() for r in ("targets", "snapshot", "timestamp")}
+    repo = TufRepository(tmp / "repo", online)
+    repo.init(root_key, now)
+    meta2, files2 = read_bundle(BUNDLES / "2")
+    _publish(repo, meta2, files2, 2, now=now)
+    server = RepoServer(repo)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return Fleet(repo, server, online["targets"], root_key, repo.root_bytes(1))
+
+
+def _close(d: Device, fleet: Fleet) -> None:
+    d.stop_traffic.set()
+    d.updater.stop()
+    d.service.close()
+    d.store.close()
+    fleet.server.shutdown()
+    fleet.server.server_close()
+
+
+def test_revoked_targets_key_no_longer_signs_desired_documents(tmp_path: Path) -> None:
+    small = _small_fleet(tmp_path, _now())
+    d = make_device(tmp_path / "device", small)
+    try:
+        old_key = small.targets_key
+        new_key = CryptoSigner.generate_ed25519()
+        small.repo.revoke_key("targets", old_key.public_key.keyid, small.root_key, _now(), new_key)
+        state, reason = d.run(desired(small, 2, signer=old_key))
+        assert (state, reason.split(":")[0]) == (S.FAILED, "bad_signature")
+        assert "root v2" in reason  # checked against the keys of the root it refreshed to
+        assert d.active_version() == 1
+        small.targets_key = new_key
+        assert d.run(desired(small, 2, signer=new_key)) == (S.COMMITTED, "")
+    finally:
+        _close(d, small)
+
+
+def test_frozen_metadata_is_refused(tmp_path: Path) -> None:
+    # a mirror (or attacker) that keeps serving metadata signed two days ago: the timestamp
+    # (1 day) has expired, so nothing it names may be installed
+    small = _small_fleet(tmp_path, _now() - timedelta(days=2))
+    d = make_device(tmp_path / "device", small)
+    try:
+        state, reason = d.run(desired(small, 2))
+        assert (state, reason.split(":")[0]) == (S.FAILED, "verification")
+        assert "Expired" in reason
+        assert d.active_version() == 1 and d.serving_version() == 1
+    finally:
+        _close(d, small)
 
 
 # --- power loss: SIGKILL inside each state, restart, end on a working model ----------------------
