@@ -330,9 +330,9 @@ class InferenceService:
         if old is not None:
             self.retire(old, timeout)
 
-    def drift_rows(self) -> int:
-        """Rows in the active model's current drift window (0 without a model)."""
-        model = self._model
+    def drift_rows(self, model: LoadedModel | None = None) -> int:
+        """Rows in the current drift window of ``model`` (default: the active one; 0 without)."""
+        model = model or self._model
         if model is None or model.state.drift is None:
             return 0
         with model.state.lock:

@@ -4,10 +4,14 @@
 firmware profile's thread count and a drift accumulator on the release's reference profile),
 opens the outbox in ``agent.db``, starts the predict and health HTTP servers, connects the MQTT
 link (birth and Last Will) and schedules the heartbeat and drift-window jobs on APScheduler.
-``stop()`` undoes it in the order that loses nothing: stop accepting requests, stop the jobs,
-close the current drift window into the outbox, let the link flush what it can within
-``telemetry.shutdown_flush_seconds`` and publish the offline state, close the outbox, close the
-model.
+It subscribes to the device's ``desired`` topic and hands new signed desired documents to the
+update engine (:class:`agent.updater.Updater`), which it builds only when one arrives that was
+not handled before, or at start when an update was left unfinished: TUF, the device key and
+cryptography are imported then, not before. ``stop()`` undoes it all in the order that loses
+nothing: stop accepting requests, stop the jobs and the update engine (an update under way
+resumes at the next start), close the current drift window into the outbox, let the link flush
+what it can within ``telemetry.shutdown_flush_seconds`` and publish the offline state, close the
+outbox, close the model.
 
 It gathers the figures the parts report (psutil for the process and the disk) for the heartbeat
 and the health snapshot; it contains no logic of its own beyond wiring. Nothing here runs at
@@ -17,7 +21,9 @@ active artifact only; no TUF until an update starts).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import ssl
 import threading
@@ -46,11 +52,14 @@ from agent.mqtt_link import LinkConfig, MqttLink
 from agent.outbox import Outbox
 from agent.reporter import PeriodicJob, Reporter, start_periodic
 from agent.slots import Slots
+from agent.update_states import TERMINAL
+from agent.update_store import UpdateStore
 from agent.version import agent_version
 from firmware_profiles import load_profile
 from protocol.drift import DriftSummary
 from protocol.messages import ActiveModel, HeartbeatBody, Latency, ModelRef, StateBody
 from protocol.profiles import FirmwareProfile
+from protocol.topics import TopicKind, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +103,7 @@ class Agent:
             min_rows=config.telemetry.drift_min_rows,
             max_window_seconds=max(86400.0, config.telemetry.drift_window_seconds),
         )
-        self.update_status: UpdateStatusSource = update_status or (lambda: None)
+        self._update_status = update_status
         self.model_error: str | None = None  # why the active slot's model could not be loaded
         self._clock = clock
         self._process = psutil.Process()
@@ -102,9 +111,13 @@ class Agent:
         self._window_start = self._started_at
         self._window_lock = threading.Lock()
         self._last_drift: DriftSummary | None = None
+        self._window_model: LoadedModel | None = None  # whose drift window is open
         self.outbox: Outbox | None = None
         self.link: MqttLink | None = None
         self.reporter: Reporter | None = None
+        self.update_store: UpdateStore | None = None
+        self.updater: Any = None  # agent.updater.Updater, built on the first update
+        self._updater_lock = threading.Lock()
         self.predict_http: HttpServer | None = None
         self.health_http: HttpServer | None = None
         self._scheduler: Any = None
@@ -117,7 +130,7 @@ class Agent:
         config = self.config
         self._started_at = self._window_start = self._clock()
         self._process.cpu_percent(None)  # the first call only sets the baseline
-        self.load_active_model()
+        self._window_model = self.load_active_model()
         self.outbox = Outbox(
             self.paths.db, config.device.id, max_rows=config.telemetry.outbox_max_rows
         )
@@ -130,8 +143,14 @@ class Agent:
             self._close_servers()
             self.outbox.close()
             raise
+        self.update_store = UpdateStore(self.paths.db)
         self.link = MqttLink(self._link_config(), self.outbox, self._state)
         self.reporter = Reporter(self.outbox, self.link)
+        record = self.update_store.load()
+        if record is not None and record.state not in TERMINAL:
+            log.info("update of %s v%d was left in %s", record.model, record.version, record.state)
+            self.update_engine()  # resumes or reverts it
+        self.link.subscribe(device_topic(config.device.id, TopicKind.DESIRED), self._on_desired)
         self.predict_http.start()
         self.health_http.start()
         self.link.start()
@@ -161,6 +180,8 @@ class Agent:
         self._close_servers()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
+        if self.updater is not None:
+            self.updater.stop()
         if self.reporter is not None:
             try:
                 self.close_drift_window(force=True)
@@ -173,6 +194,8 @@ class Agent:
             self.outbox.close()
             if depth:
                 log.info("%d report(s) stay in the outbox for the next start", depth)
+        if self.update_store is not None:
+            self.update_store.close()
         self.service.close()
         log.info("agent stopped")
 
@@ -228,6 +251,82 @@ class Agent:
         )
         return model
 
+    # --- updates ------------------------------------------------------------------------------
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        # on the link's inbound thread; the retained document comes again after every connect
+        assert self.update_store is not None
+        if hashlib.sha256(payload).hexdigest() == self.update_store.last_desired_sha256():
+            log.debug("desired document already handled")
+            return
+        self.update_engine().submit(payload)
+
+    def update_engine(self) -> Any:
+        """The update engine, built and started on first use (it imports TUF)."""
+        with self._updater_lock:
+            if self.updater is None:
+                self.updater = self._build_updater()
+                self.updater.start()
+            return self.updater
+
+    def _build_updater(self) -> Any:
+        from agent.provision import load_private_key
+        from agent.tuf_client import DeviceFetcher, ReleaseClient
+        from agent.updater import PauseHook, Updater, UpdaterConfig
+        from protocol.device_auth import sign_request
+
+        assert self.update_store is not None and self.reporter is not None
+        device_id = self.config.device.id
+        key = load_private_key(self.paths)
+
+        def auth(method: str, target: str) -> dict[str, str]:
+            return {"Authorization": sign_request(key, device_id, method, target, time.time())}
+
+        client = ReleaseClient(
+            self.paths.trust_dir / "metadata",
+            self.paths.root_json.read_bytes(),
+            self.config.device.fleet_url.rstrip("/") + "/v1/repository",
+            DeviceFetcher(auth=auth),
+        )
+        return Updater(
+            store=self.update_store,
+            slots=self.slots,
+            service=self.service,
+            client=client,
+            profile=self.profile,
+            device_id=device_id,
+            report=self.reporter.report_update,
+            config=UpdaterConfig(
+                downloads_dir=self.paths.root / "downloads",
+                threads=self.profile.inference_threads,
+                pause=PauseHook.from_env(os.environ),
+            ),
+            drift_factory=DriftAccumulator,
+        )
+
+    def update_status(self) -> UpdateFigures | None:
+        """The current (or last) update for the health page."""
+        if self._update_status is not None:
+            return self._update_status()
+        if self.updater is not None:
+            figures: UpdateFigures | None = self.updater.figures()
+            return figures
+        if self.update_store is None:
+            return None
+        try:
+            record = self.update_store.load()
+        except AgentError as exc:
+            return UpdateFigures("unknown", reason=str(exc))
+        if record is None:
+            return None
+        result = f"{record.state.value} {record.model} v{record.version}"
+        return UpdateFigures(
+            record.state.value,
+            result if record.state in TERMINAL else "",
+            record.reason,
+            record.entered_at,
+        )
+
     # --- reports ------------------------------------------------------------------------------
 
     def _state(self) -> StateBody:
@@ -278,21 +377,28 @@ class Agent:
 
     def close_drift_window(self, force: bool = False) -> DriftSummary | None:
         """Close and report the drift window when the policy says so (or ``force``, if it holds
-        any rows); a periodic job, and the last step before the link stops."""
+        any rows); a periodic job, and the last step before the link stops. When the served
+        model changed (an update or a rollback) the old model's window ends at once."""
         assert self.reporter is not None
         with self._window_lock:
             now = self._clock()
-            rows = self.service.drift_rows()
-            if force:
-                due = rows > 0
-            else:
-                due = self.window_policy.should_close(now, self._window_start, rows)
-            if not due:
+            model, current = self._window_model, self.service.current()
+            start = self._window_start
+            if model is not current:
+                self._window_model, self._window_start = current, now
+                if model is None or not self.service.drift_rows(model):
+                    return None
+            elif model is None:
                 return None
-            summary = self.service.close_drift_window(self._window_start, now)
+            else:
+                rows = self.service.drift_rows(model)
+                due = rows > 0 if force else self.window_policy.should_close(now, start, rows)
+                if not due:
+                    return None
+                self._window_start = now
+            summary = self.service.close_drift_window(start, now, model)
             if summary is None:
                 return None
-            self._window_start = now
         self.reporter.report_drift(summary, now)
         self._last_drift = summary
         log.info(

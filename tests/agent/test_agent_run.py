@@ -5,6 +5,7 @@ shutdown keeping every report when the broker is down."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -36,10 +37,12 @@ from agent.config import (
 from agent.main import Agent
 from agent.outbox import Outbox
 from agent.slots import Slots
+from agent.update_states import UpdateRecord, UpdateState
+from agent.update_store import UpdateStore
 from firmware_profiles import load_profile
 from protocol.golden import GoldenSet
 from protocol.messages import Envelope, parse_message
-from protocol.topics import TopicKind
+from protocol.topics import TopicKind, device_topic
 from simulators.broker import MosquittoBroker, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +87,8 @@ class Subscriber:
         assert subscribed.wait(5)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/desired"):  # what the fleet sends, not a report
+            return
         envelope = parse_message(msg.topic, msg.payload)
         with self.lock:
             self.messages.append((envelope, bool(msg.retain)))
@@ -268,3 +273,78 @@ def test_unreadable_model_is_a_health_problem(tmp_path: Path, broker: MosquittoB
         assert any("cannot be loaded" in p and "empty" in p for p in health["problems"])
     finally:
         agent.stop()
+
+
+_IMPORTS_PROBE = """
+import sys, time
+from pathlib import Path
+from agent.cli import main  # what `edge-agent run` imports, command modules included
+from agent.config import load_config
+from agent.main import Agent
+agent = Agent(load_config(Path(sys.argv[1])))
+agent.start()
+try:
+    deadline = time.monotonic() + 20
+    while not agent.link.status().connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the retained desired document arrives right after the connect
+    agent.service.predict(__import__("numpy").zeros((1, 24), "float32"))
+    heavy = ("onnxruntime", "tuf", "securesystemslib", "cryptography", "scipy", "fastapi")
+    print(" ".join(m for m in heavy if m in sys.modules) or "none", agent.updater is None)
+finally:
+    agent.stop()
+"""
+
+
+def test_a_litert_agent_imports_nothing_heavy(
+    tmp_path: Path, broker: MosquittoBroker, subscriber: Subscriber
+) -> None:
+    """The memory budget: no onnxruntime for a LiteRT artifact, and no TUF or cryptography
+    while no update is under way, even with the retained desired document already handled."""
+    config = write_config(tmp_path / "state", broker.port)
+    install_bundle(BUNDLE, Slots(config.paths.slots), load_profile("rpi4-aarch64"))
+    desired = b'{"signed": {"model": "pdm-classifier"}, "signatures": []}'
+    store = UpdateStore(config.paths.db)
+    store.accept(1, hashlib.sha256(desired).hexdigest(), None)
+    store.close()
+    topic = device_topic(DEVICE, TopicKind.DESIRED)
+    subscriber.client.publish(topic, desired, qos=1, retain=True).wait_for_publish(5)
+    probe = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, str(config.state_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["none", "True"], probe.stdout
+
+
+def test_health_shows_the_last_update(tmp_path: Path, broker: MosquittoBroker) -> None:
+    config = write_config(tmp_path / "state", broker.port)
+    store = UpdateStore(config.paths.db)
+    now = time.time()
+    record = UpdateRecord(
+        update_id=1,
+        model="pdm-classifier",
+        version=2,
+        rollback=False,
+        serial=7,
+        target_path="pdm-classifier/2/model.int8.onnx",
+        state=UpdateState.ROLLED_BACK,
+        started_at=now - 60,
+        entered_at=now,
+        reason="trial: p95 latency 3.1x the previous model's",
+    )
+    store.save(record)
+    store.close()
+    agent = Agent(config)
+    agent.start()
+    try:
+        health = get_json(f"http://{config.http.health_listen}/health")
+    finally:
+        agent.stop()
+    assert health["update"]["state"] == "rolled_back"
+    assert health["update"]["result"] == "rolled_back pdm-classifier v2"
+    assert any("last update rolled_back: trial: p95" in p for p in health["problems"])
+    assert agent.updater is None  # a finished update needs no engine at start
