@@ -384,10 +384,11 @@ class Updater:
             log.debug("desired document %s… already handled", digest[:12])
             return
         update_id = self.store.next_update_id()
+        started = self._clock()  # "idle" in the timings: TUF refresh and document checks
         failures = 0
         while True:
             try:
-                doc, accepted = self._accept(wire, update_id)
+                doc, accepted = self._accept(wire, update_id, started)
                 break
             except TransientUpdateError as exc:
                 failures += 1
@@ -401,10 +402,10 @@ class Updater:
                     with self._cond:  # hand it back: it is checked again at the next start
                         self._pending = self._pending or wire
                     return
-                self._refuse(wire, digest, update_id, exc)
+                self._refuse(wire, digest, update_id, exc, started)
                 return
             except (UpdateError, DesiredDocumentError) as exc:
-                self._refuse(wire, digest, update_id, exc)
+                self._refuse(wire, digest, update_id, exc, started)
                 return
         if accepted is None:  # already active: remember the serial, nothing to do
             self.store.accept(doc.serial, digest, None)
@@ -417,10 +418,11 @@ class Updater:
         self._pause(record.state)
         self._drive(record)
 
-    def _refuse(self, wire: bytes, digest: str, update_id: int, exc: Exception) -> None:
+    def _refuse(
+        self, wire: bytes, digest: str, update_id: int, exc: Exception, started: float
+    ) -> None:
         reason = getattr(exc, "reason", "refused")
         model, version, rollback, serial = _unverified_claim(wire)
-        now = self._clock()
         record = UpdateRecord(
             update_id=update_id,
             model=model,
@@ -429,13 +431,15 @@ class Updater:
             serial=serial,
             target_path="",
             state=S.IDLE,
-            started_at=now,
-            entered_at=now,
+            started_at=started,
+            entered_at=started,
         )
         self._refused.add(digest)
         self._move(record, E.FAIL, f"{reason}: {exc}")
 
-    def _accept(self, wire: bytes, update_id: int) -> tuple[DesiredDocument, UpdateRecord | None]:
+    def _accept(
+        self, wire: bytes, update_id: int, started: float
+    ) -> tuple[DesiredDocument, UpdateRecord | None]:
         """Check a desired document and its target; the document and the IDLE record of the
         update it starts (None when it names what is already active)."""
         try:
@@ -498,7 +502,6 @@ class Updater:
             raise FatalUpdateError(
                 "bad_target", "artifact, golden set and reference need distinct file names"
             )
-        now = self._clock()
         return doc, UpdateRecord(
             update_id=update_id,
             model=doc.model,
@@ -507,8 +510,8 @@ class Updater:
             serial=doc.serial,
             target_path=doc.target_path,
             state=S.IDLE,
-            started_at=now,
-            entered_at=now,
+            started_at=started,
+            entered_at=started,
             rollout_id=doc.rollout_id,
             custom_json=canonical_json(dict(custom_raw)).decode(),
             files=tuple(refs),
