@@ -42,9 +42,9 @@ from agent.inference import InferenceService, load_model
 from agent.runtimes import load_runtime
 from agent.slots import Slots
 from agent.tuf_client import DeviceFetcher, ReleaseClient, RetryPolicy
-from agent.update_states import UpdateState
+from agent.update_states import MAX_ATTEMPTS, UpdateState
 from agent.update_store import UpdateStore
-from agent.updater import Updater, UpdaterConfig
+from agent.updater import PauseHook, Updater, UpdaterConfig
 from firmware_profiles import load_profile
 from fleet.tuf_repo import TufRepository
 from protocol.bundle import BundleMetadata, HealthThresholds
@@ -324,6 +324,41 @@ class Device:
         return record.state, record.reason
 
 
+def build_updater(
+    root: Path,
+    fleet: Fleet,
+    slots: Slots,
+    service: InferenceService,
+    store: UpdateStore,
+    reports: list[UpdateBody],
+    pause: PauseHook | None = None,
+) -> Updater:
+    fetcher = DeviceFetcher(
+        auth=lambda method, target: {"Authorization": f"Bearer {TOKEN}"},
+        retry=RetryPolicy(attempts=2, base_delay=0.0, jitter=0.0, timeout=5.0),
+    )
+    client = ReleaseClient(
+        root / "trust" / "metadata", fleet.pinned_root, fleet.server.base_url, fetcher
+    )
+    return Updater(
+        store=store,
+        slots=slots,
+        service=service,
+        client=client,
+        profile=dataclasses.replace(load_profile("x86_64-gateway"), latency_budget_ms=1000.0),
+        device_id=DEVICE,
+        report=reports.append,
+        config=UpdaterConfig(
+            downloads_dir=root / "downloads",
+            retry_base_seconds=0.01,
+            max_transient_failures=3,
+            trial_sample_seconds=0.05,
+            pause=pause,
+        ),
+        drift_factory=DriftAccumulator,
+    )
+
+
 def make_device(root: Path, fleet: Fleet, version: int = 1, start: bool = True) -> Device:
     profile = dataclasses.replace(load_profile("x86_64-gateway"), latency_budget_ms=1000.0)
     slots = Slots(root / "slots")
@@ -333,30 +368,8 @@ def make_device(root: Path, fleet: Fleet, version: int = 1, start: bool = True) 
     assert installed is not None
     service.swap(load_model(installed, 1, DriftAccumulator))
     store = UpdateStore(root / "agent.db")
-    fetcher = DeviceFetcher(
-        auth=lambda method, target: {"Authorization": f"Bearer {TOKEN}"},
-        retry=RetryPolicy(attempts=2, base_delay=0.0, jitter=0.0, timeout=5.0),
-    )
-    client = ReleaseClient(
-        root / "trust" / "metadata", fleet.pinned_root, fleet.server.base_url, fetcher
-    )
     reports: list[UpdateBody] = []
-    updater = Updater(
-        store=store,
-        slots=slots,
-        service=service,
-        client=client,
-        profile=profile,
-        device_id=DEVICE,
-        report=reports.append,
-        config=UpdaterConfig(
-            downloads_dir=root / "downloads",
-            retry_base_seconds=0.01,
-            max_transient_failures=3,
-            trial_sample_seconds=0.05,
-        ),
-        drift_factory=DriftAccumulator,
-    )
+    updater = build_updater(root, fleet, slots, service, store, reports)
     golden = GoldenSet.from_json((BUNDLES / "1" / "golden" / "model.int8.onnx.json").read_bytes())
     stop = threading.Event()
     served: list[int] = []
@@ -514,6 +527,39 @@ def test_rollback_of_metadata_is_refused(device: Device, fleet: Fleet) -> None:
     assert (state, reason.split(":")[0]) == (S.FAILED, "verification")
     assert "TUF verification failed" in reason
     assert device.active_version() == 1 and device.serving_version() == 1
+
+
+def test_restart_loop_in_trial_rolls_back(tmp_path: Path, fleet: Fleet) -> None:
+    d = make_device(tmp_path, fleet, start=False)
+    try:
+        marker = tmp_path / "paused"
+        first = build_updater(
+            tmp_path, fleet, d.slots, d.service, d.store, d.reports, PauseHook("trial", marker)
+        )
+        first.start()
+        first.submit(desired(fleet, 2))
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first.stop()  # as if the new model had killed the agent inside the trial
+        assert d.serving_version() == 2
+        saved = d.store.load()
+        assert saved is not None and saved.state is S.TRIAL
+        d.store.save(dataclasses.replace(saved, attempt=MAX_ATTEMPTS))  # it happened before
+        d.reports.clear()
+        again = build_updater(tmp_path, fleet, d.slots, d.service, d.store, d.reports)
+        again.start()
+        record = again.wait_settled(30)
+        again.stop()
+        assert record is not None and record.state is S.ROLLED_BACK
+        assert "restarted 3 times" in record.reason
+        assert d.transitions() == [("trial", "rolling_back"), ("rolling_back", "rolled_back")]
+        assert d.active_version() == 1 and d.serving_version() == 1
+    finally:
+        d.stop_traffic.set()
+        d.service.close()
+        d.store.close()
 
 
 def _small_fleet(tmp: Path, now: datetime) -> Fleet:
