@@ -126,7 +126,16 @@ class Agent:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the model, open the outbox, serve HTTP, connect, schedule the jobs."""
+        """Load the model, open the outbox, serve HTTP, connect, schedule the jobs. If a part
+        cannot start (a port in use, an unreadable database), what was started is stopped and
+        the error is raised."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         config = self.config
         self._started_at = self._window_start = self._clock()
         self._process.cpu_percent(None)  # the first call only sets the baseline
@@ -134,22 +143,17 @@ class Agent:
         self.outbox = Outbox(
             self.paths.db, config.device.id, max_rows=config.telemetry.outbox_max_rows
         )
-        try:
-            self.predict_http = predict_server(
-                config.http.predict_listen, self.service, config.http.max_body_bytes
-            )
-            self.health_http = health_server(config.http.health_listen, self.snapshot)
-        except OSError:
-            self._close_servers()
-            self.outbox.close()
-            raise
+        self.predict_http = predict_server(
+            config.http.predict_listen, self.service, config.http.max_body_bytes
+        )
+        self.health_http = health_server(config.http.health_listen, self.snapshot)
         self.update_store = UpdateStore(self.paths.db)
         self.link = MqttLink(self._link_config(), self.outbox, self._state)
         self.reporter = Reporter(self.outbox, self.link)
         record = self.update_store.load()
         if record is not None and record.state not in TERMINAL:
             log.info("update of %s v%d was left in %s", record.model, record.version, record.state)
-            self.update_engine()  # resumes or reverts it
+            self._start_update_engine()  # it resumes or reverts the update
         self.link.subscribe(device_topic(config.device.id, TopicKind.DESIRED), self._on_desired)
         self.predict_http.start()
         self.health_http.start()
@@ -259,7 +263,16 @@ class Agent:
         if hashlib.sha256(payload).hexdigest() == self.update_store.last_desired_sha256():
             log.debug("desired document already handled")
             return
-        self.update_engine().submit(payload)
+        engine = self._start_update_engine()
+        if engine is not None:
+            engine.submit(payload)
+
+    def _start_update_engine(self) -> Any:
+        try:
+            return self.update_engine()
+        except (AgentError, OSError) as exc:  # serving goes on with the active slot
+            log.error("cannot start the update engine: %s", exc)
+            return None
 
     def update_engine(self) -> Any:
         """The update engine, built and started on first use (it imports TUF)."""

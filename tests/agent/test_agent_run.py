@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -348,3 +349,22 @@ def test_health_shows_the_last_update(tmp_path: Path, broker: MosquittoBroker) -
     assert health["update"]["result"] == "rolled_back pdm-classifier v2"
     assert any("last update rolled_back: trial: p95" in p for p in health["problems"])
     assert agent.updater is None  # a finished update needs no engine at start
+
+
+def test_port_in_use_stops_what_started(tmp_path: Path, broker: MosquittoBroker) -> None:
+    config = write_config(tmp_path / "state", broker.port)
+    with socket.socket() as taken:
+        taken.bind((config.http.health_listen.host, config.http.health_listen.port))
+        taken.listen()
+        code, _, err = _run_cli("run", "--state-dir", str(config.state_dir))
+    assert code == 2
+    assert f"cannot listen on {config.http.health_listen} for the health server" in err
+    assert "http.health_listen in agent.toml" in err and "Traceback" not in err
+    # the outbox it had opened was closed cleanly: a new agent can use it at once
+    with Outbox(config.paths.db, DEVICE) as outbox:
+        assert outbox.depth() == 0
+
+
+def _run_cli(*args: str) -> tuple[int, str, str]:
+    proc = edge_agent(*args)
+    return proc.returncode, proc.stdout, proc.stderr
