@@ -107,6 +107,9 @@ class Agent:
         self.model_error: str | None = None  # why the active slot's model could not be loaded
         self._clock = clock
         self._process = psutil.Process()
+        self._cpu_lock = threading.Lock()
+        self._cpu = 0.0
+        self._cpu_sampled_at = time.monotonic()
         self._started_at = clock()
         self._window_start = self._started_at
         self._window_lock = threading.Lock()
@@ -360,8 +363,18 @@ class Agent:
             memory_available_bytes=memory.available,
             disk_total_bytes=disk.total,
             disk_free_bytes=disk.free,
-            cpu_percent=self._process.cpu_percent(None),
+            cpu_percent=self._cpu_percent(),
         )
+
+    def _cpu_percent(self) -> float:
+        # psutil measures since its previous call: sample at most once a second, so a health
+        # page refreshed often does not shrink the heartbeat's interval to nothing
+        now = time.monotonic()
+        with self._cpu_lock:
+            if now - self._cpu_sampled_at >= 1.0:
+                self._cpu = self._process.cpu_percent(None)
+                self._cpu_sampled_at = now
+            return self._cpu
 
     def heartbeat(self) -> None:
         """Report the vital signs (a periodic job)."""
