@@ -7,9 +7,10 @@ finishes on it, and :meth:`InferenceService.retire` closes the old runtime only 
 request is done.
 
 ``predict`` validates the batch (2-D, the model's feature count, numbers only, finite unless the
-NaN policy allows otherwise, at most ``max_rows``), runs the runtime, takes the argmax, feeds the
-drift accumulator and records counts and latency. Bad input raises :class:`InputError` carrying
-the HTTP status that describes it (400, 413, 422); no model raises :class:`NoModelError` (503).
+NaN policy allows otherwise, at most ``max_rows``), runs the runtime, feeds the drift
+accumulator (through a small buffer that takes the argmax once per block) and records counts and
+latency. Bad input raises :class:`InputError` carrying the HTTP status that describes it (400,
+413, 422); no model raises :class:`NoModelError` (503).
 
 It does not speak HTTP (:mod:`agent.http_server`), choose or verify artifacts (:mod:`agent.slots`
 and the installers), or close drift windows on a schedule (:mod:`agent.main`).
@@ -76,19 +77,20 @@ DriftFactory = Callable[[ReferenceProfile], DriftSink]
 
 
 class DriftBuffer:
-    """Rows on their way to the drift accumulator, handed over in blocks.
+    """Served batches on their way to the drift accumulator, handed over in blocks.
 
     The accumulator's ``add`` costs microseconds per call whatever the batch size, which at
-    batch 1 would be most of the agent's overhead; keeping a copy of the batch here costs a
-    fraction of that. Not thread-safe: the service uses it under the model's lock.
+    batch 1 would be most of the agent's overhead; keeping the batch here costs a fraction of
+    that, and the predicted classes (the outputs' argmax) are taken once per block. Not
+    thread-safe: the service uses it under the model's lock.
     """
 
-    __slots__ = ("sink", "inputs", "predicted", "fill", "limit")
+    __slots__ = ("sink", "inputs", "outputs", "fill", "limit")
 
     def __init__(self, sink: DriftSink, limit: int = 256) -> None:
         self.sink = sink
         self.inputs: list[np.ndarray] = []
-        self.predicted: list[np.ndarray] = []
+        self.outputs: list[np.ndarray] = []
         self.fill = 0
         self.limit = limit
 
@@ -97,10 +99,12 @@ class DriftBuffer:
         """Rows in the current window: the accumulator's and the ones still buffered here."""
         return self.sink.rows + self.fill
 
-    def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
-        # a copy: the caller may reuse its array once predict returns
-        self.inputs.append(inputs.copy())
-        self.predicted.append(predicted)
+    def add(self, inputs: np.ndarray, outputs: np.ndarray, owned: bool = False) -> None:
+        """Keep a served batch; ``owned``: the service made ``inputs`` itself, else they are
+        copied (the caller may reuse its array once predict returns). ``outputs`` are always
+        the runtime's fresh array."""
+        self.inputs.append(inputs if owned else inputs.copy())
+        self.outputs.append(outputs)
         self.fill += inputs.shape[0]
         if self.fill >= self.limit:
             self.flush()
@@ -109,12 +113,12 @@ class DriftBuffer:
         if not self.fill:
             return
         inputs = np.concatenate(self.inputs) if len(self.inputs) > 1 else self.inputs[0]
-        predicted = np.concatenate(self.predicted) if len(self.predicted) > 1 else self.predicted[0]
+        outputs = np.concatenate(self.outputs) if len(self.outputs) > 1 else self.outputs[0]
         self.inputs.clear()
-        self.predicted.clear()
+        self.outputs.clear()
         self.fill = 0
         try:
-            self.sink.add(inputs, predicted)
+            self.sink.add(inputs, outputs.argmax(1))
         except Exception:  # drift is a report about serving, never a reason to fail serving
             log.exception("the drift accumulator refused %d rows; not counted", len(inputs))
 
@@ -206,13 +210,18 @@ class InferenceResult(NamedTuple):
     """One served batch (a NamedTuple: built on every request, it must be cheap)."""
 
     outputs: np.ndarray  # (rows, classes) float32
-    predicted: np.ndarray  # (rows,) argmax class ids
     model_name: str
     model_version: int
     class_names: tuple[str, ...]
 
     @property
+    def predicted(self) -> np.ndarray:
+        """The predicted class id of each row (the outputs' argmax)."""
+        return self.outputs.argmax(1)
+
+    @property
     def classes(self) -> list[str]:
+        """The predicted class name of each row."""
         names = self.class_names
         return [names[i] for i in self.predicted.tolist()]
 
@@ -397,8 +406,9 @@ class InferenceService:
                 )
         return batch
 
-    def predict(self, batch: np.ndarray) -> InferenceResult:
-        """Run ``batch`` [rows, features] through the active model."""
+    def predict(self, batch: np.ndarray, owned: bool = False) -> InferenceResult:
+        """Run ``batch`` [rows, features] through the active model. ``owned``: the caller
+        hands the array over and will not change it (spares the drift feed a copy)."""
         start = time.perf_counter()
         while True:
             model = self._model
@@ -413,7 +423,6 @@ class InferenceService:
         try:
             x = self._validate(model, batch)
             outputs = model.runtime.predict(x)
-            predicted = outputs.argmax(1)
         except InputError:
             with st.lock:
                 st.rejected += 1
@@ -429,12 +438,10 @@ class InferenceService:
             st.rows += x.shape[0]
             st.in_flight -= 1
             if st.drift is not None:
-                st.drift.add(x, predicted)
+                st.drift.add(x, outputs, owned or x is not batch)
             st.latency.record(time.perf_counter() - start)
         release = model.installed.release
-        return InferenceResult(
-            outputs, predicted, release.name, release.version, release.class_names
-        )
+        return InferenceResult(outputs, release.name, release.version, release.class_names)
 
     def predict_json(self, inputs: object) -> InferenceResult:
         """``predict`` for the ``inputs`` of a JSON request (see :func:`batch_from_json`)."""
@@ -446,7 +453,7 @@ class InferenceService:
                 with model.state.lock:
                     model.state.rejected += 1
             raise
-        return self.predict(batch)
+        return self.predict(batch, owned=True)
 
     # --- figures ------------------------------------------------------------------------------
 
