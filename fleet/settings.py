@@ -104,6 +104,23 @@ class IngestSettings(_Group):
     batch_wait_ms: int = Field(default=20, ge=0, le=10_000)
 
 
+class DesiredSettings(_Group):
+    """Signed desired documents (:mod:`fleet.desired_state`) and their retained publishing.
+
+    ``expiry`` is how long a document stays valid. It is retained on the broker, so a device
+    that was offline reads it when it comes back: a long expiry lets a device offline for weeks
+    still act on it, a short one narrows the window in which a captured document can be
+    replayed to a device that has not seen it yet (the serial already stops replays to devices
+    that have). The retry job re-signs a device's current document once less than a third of
+    its lifetime is left, so no retained document lapses while the fleet runs.
+    """
+
+    expiry: Duration = timedelta(days=30)
+    retry_every: Duration = timedelta(seconds=30)  # the unpublished-document retry job
+    publish_timeout: Duration = timedelta(seconds=5)  # wait for the broker's PUBACK
+    mqtt_protocol: Literal["3.1.1", "5"] = "3.1.1"
+
+
 class _ConfigFileSource(InitSettingsSource):
     """The TOML config file, read strictly: a named file that is missing or broken is an error."""
 
@@ -151,6 +168,7 @@ class FleetSettings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     limits: LimitsSettings = LimitsSettings()
     ingest: IngestSettings = IngestSettings()
+    desired: DesiredSettings = DesiredSettings()
     timestamp_expiry: Duration = timedelta(days=1)
     device_auth_max_skew: Duration = timedelta(minutes=5)
     db_busy_timeout_ms: int = Field(default=10_000, ge=0)
