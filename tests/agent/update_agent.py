@@ -82,14 +82,18 @@ def main() -> int:
             except Exception:  # noqa: BLE001, S112 - no model for a moment is not the test
                 continue
 
-    threading.Thread(target=traffic, daemon=True).start()
+    traffic_thread = threading.Thread(target=traffic, daemon=True)
+    traffic_thread.start()
     updater.start()
     desired = root / "desired.bin"
     if desired.exists():
         updater.submit(desired.read_bytes())
     record = updater.wait_settled(120.0)
     stop.set()
+    traffic_thread.join()
     updater.stop()
+    service.close()  # runtimes closed before the interpreter tears down their libraries
+    store.close()
     print(f"FINAL {record.state if record else 'none'}", flush=True)
     return 0
 
