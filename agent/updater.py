@@ -434,7 +434,8 @@ class Updater:
             started_at=started,
             entered_at=started,
         )
-        self._refused.add(digest)
+        if not getattr(exc, "transient", False):  # a network give-up is tried again next time
+            self._refused.add(digest)
         self._move(record, E.FAIL, f"{reason}: {exc}")
 
     def _accept(
