@@ -34,9 +34,7 @@ def main() -> int:
         meta = parse_bundle(committed)
         print(f"\n== {meta.name} v{meta.version}: built in {seconds:.1f}s into {built}")
         print(f"   byte-identical to the committed bundle: {'yes' if same else 'NO'}")
-        print(
-            f"   {'artifact':<20}{'runtime':<13}{'bytes':>7}{'accuracy':>10}{'p50 µs':>9}  rows"
-        )
+        print(f"   {'artifact':<20}{'runtime':<13}{'bytes':>7}{'accuracy':>10}{'p50 µs':>9}  rows")
         for artifact in meta.artifacts:
             runtime = load_runtime(built / artifact.file, artifact.runtime, threads=1)
             try:
