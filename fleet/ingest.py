@@ -342,3 +342,34 @@ class Ingester:
             # the broker resends what was in flight, and that copy gets acknowledged
             if item.qos > 0 and item.generation == generation:
                 client.ack(item.mid, item.qos)
+
+
+def retire_session(config: IngestConfig, timeout: float = 10.0) -> None:
+    """Delete a worker's persistent session on the broker (scaling down for good).
+
+    A member of the shared subscription that is offline keeps receiving its share of the
+    messages into its session queue; a worker id that never comes back would strand them. Run
+    this after the worker was stopped (its received messages are stored): it connects once
+    with ``clean_session=True`` under the worker's client id, which discards the session, its
+    subscriptions and anything still queued for it, then disconnects.
+    """
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=config.client_id,
+        protocol=mqtt.MQTTv311,
+        clean_session=True,
+    )
+    if config.username:
+        client.username_pw_set(config.username, config.password)
+    if config.tls_context is not None:
+        client.tls_set_context(config.tls_context)
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    client.connect(config.host, config.port, config.keepalive)
+    client.loop_start()
+    try:
+        if not connected.wait(timeout):
+            raise TimeoutError(f"could not reach the broker to retire {config.client_id}")
+    finally:
+        client.disconnect()
+        client.loop_stop()

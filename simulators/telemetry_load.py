@@ -95,14 +95,16 @@ def make_workload(
     start_ts: float = 1_900_000_000.0,
     drift_every: int = 50,
     seed: int = 1,
+    first_seq: int = 1,
 ) -> Workload:
     """``valid`` distinct reports spread over ``devices`` (heartbeats mostly, plus state,
     update and drift), ``duplicates`` re-sends of already-made reports, and ``malformed``
-    rejected messages of every reason, shuffled together (re-sends always after their first)."""
+    rejected messages of every reason, shuffled together (re-sends always after their first).
+    Each device's sequence numbers start at ``first_seq``."""
     rnd = random.Random(seed)
     rng = np.random.default_rng(seed)
     profile = reference_profile()
-    seqs = dict.fromkeys(devices, 0)
+    seqs = dict.fromkeys(devices, first_seq - 1)
     work = Workload(devices=tuple(devices))
     made: list[tuple[str, bytes]] = []
     for i in range(valid):

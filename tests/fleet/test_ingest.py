@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 from sqlite_utils import Database
 
-from fleet.ingest import IngestConfig, Ingester, IngestMetrics
+from fleet.ingest import IngestConfig, Ingester, IngestMetrics, retire_session
 from fleet.ingest_writer import BatchWriter, Received, read_counters
 from fleet.store import Store, connect, migrate
 from protocol.messages import Envelope, HeartbeatBody, StateBody, encode
@@ -352,4 +352,23 @@ def test_nothing_is_acknowledged_before_it_is_committed(
         assert errors is not None and errors > 0
         db.conn.rollback()
         wait_processed(db, len(work.messages))
+    check_exact(db, work)
+
+
+def test_a_retired_worker_strands_nothing(
+    broker: MosquittoBroker, db_path: Path, db: Database
+) -> None:
+    """An offline member of the shared group keeps its share queued in its session; retiring
+    the session hands everything to the workers that remain."""
+    work = make_workload(DEVICES, 400, drift_every=0)
+    gone = config(broker, "gone")
+    with Ingester(gone, Store(db_path)) as first:
+        assert first.wait_connected(5)
+        time.sleep(0.2)
+    retire_session(gone)
+    with Ingester(config(broker, "stays"), Store(db_path)) as second:
+        assert second.wait_connected(5)
+        time.sleep(0.2)
+        publish(broker.host, broker.port, work.messages)
+        wait_processed(db, len(work.messages), timeout=10)
     check_exact(db, work)
