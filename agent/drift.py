@@ -168,8 +168,23 @@ class DriftAccumulator:
             raise DriftError(f"inputs must be numbers, got dtype {x.dtype}")
         pred = np.asarray(predicted)
         check_predicted(pred, x.shape[0], self._n_classes)
+        self.add_trusted(x, pred)
+
+    def add_trusted(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
+        """``add`` without its checks, for a caller that made both arrays itself: ``inputs``
+        a numeric ndarray [n, features], ``predicted`` integer class ids [n] within the
+        reference's classes (the inference service's own argmax). Wrong arrays here corrupt the
+        window's counts or raise from numpy; anything else goes through :meth:`add`."""
+        x, pred = inputs, predicted
         n = x.shape[0]
         with self._lock:
+            fill = self._fill
+            if fill + n < self.block_rows:  # the common case: fits in the block, no binning
+                self._block[fill : fill + n] = x
+                self._block_pred[fill : fill + n] = pred
+                self._fill = fill + n
+                self._rows += n
+                return
             done = 0
             while done < n:  # one iteration per block, not per sample
                 take = min(n - done, self.block_rows - self._fill)
