@@ -21,9 +21,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -251,6 +252,23 @@ class Stack:
         )
         return got
 
+    def seen(self, device: str) -> int:
+        """How many update transitions of ``device`` the fleet has stored so far."""
+        return int(self.updates(device)["total"])
+
+    def wait_new_end(self, device: str, seen: int, timeout: float = 60.0) -> dict[str, Any]:
+        """The first transition after the ``seen`` first ones that ends an update (newest
+        first in the history, so the oldest such one is searched from the end)."""
+
+        def ended() -> dict[str, Any] | None:
+            doc = self.updates(device)
+            fresh = doc["history"][: max(0, int(doc["total"]) - seen)]
+            done = [t for t in fresh if t["to_state"] in ("committed", "rolled_back", "failed")]
+            return done[-1] if done else None
+
+        got: dict[str, Any] = wait_for(f"a new end of update on {device}", ended, timeout, 0.2)
+        return got
+
     def enrollment_token(self) -> str:
         r = self.http.post("/v1/enrollment-tokens", json={"uses": 1}, headers=self.admin)
         assert r.status_code == 201, r.text
@@ -378,6 +396,34 @@ def edge_agent(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
+class Traffic:
+    """A local application sending predictions to the agent for as long as the test runs."""
+
+    def __init__(self, url: str, rows: Any) -> None:
+        self.rows = rows
+        self.client = AgentClient(url, timeout=10)
+        self.versions: list[int] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.wait(0.01):
+            batch = self.rows[i % len(self.rows) : i % len(self.rows) + 1 + i % 4]
+            i += 1
+            try:
+                self.versions.append(self.client.predict(batch).model_version)
+            except Exception as exc:  # noqa: BLE001 - the test asserts there were none
+                self.errors.append(repr(exc))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        self.client.close()
+
+
 @dataclasses.dataclass
 class Device:
     """A provisioned device's state directory and its ``edge-agent run`` process."""
@@ -453,14 +499,15 @@ class Device:
         return None if installed is None else installed.release.version
 
 
-@pytest.fixture
-def devices(tmp_path: Path) -> Iterator[Callable[[Stack], Device]]:
-    """``devices(stack)``: a new device enrolled with ``edge-agent provision`` (x86_64-gateway),
-    v1 installed at the factory, ``edge-agent run`` started and serving. Stopped at teardown."""
+@contextmanager
+def device_factory(tmp: Path) -> Iterator[Callable[..., Device]]:
+    """``make(stack)``: a new device enrolled with ``edge-agent provision`` (x86_64-gateway),
+    v1 installed at the factory, ``edge-agent run`` started and serving (unless
+    ``start=False``). Every device made is stopped on exit."""
     made: list[Device] = []
 
     def make(stack: Stack, start: bool = True) -> Device:
-        state = tmp_path / f"device-{len(made)}"
+        state = tmp / f"device-{len(made)}"
         predict, health = free_port(), free_port()
         done = edge_agent(
             "provision",
@@ -489,9 +536,18 @@ def devices(tmp_path: Path) -> Iterator[Callable[[Stack], Device]]:
             assert device.wait_serving().model_version == 1
         return device
 
-    yield make
-    for device in made:
-        device.stop()
+    try:
+        yield make
+    finally:
+        for device in made:
+            device.stop()
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> Iterator[Callable[..., Device]]:
+    """See :func:`device_factory`; the test's devices."""
+    with device_factory(tmp_path / "devices") as make:
+        yield make
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
-
-from agent.client import AgentClient
 
 HAPPY = [
     ("idle", "downloading"),
@@ -30,34 +27,6 @@ HAPPY = [
 ]
 
 
-class Traffic:
-    """A local application sending predictions to the agent for as long as the test runs."""
-
-    def __init__(self, url: str, rows: Any) -> None:
-        self.rows = rows
-        self.client = AgentClient(url, timeout=10)
-        self.versions: list[int] = []
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        i = 0
-        while not self.stop.wait(0.01):
-            batch = self.rows[i % len(self.rows) : i % len(self.rows) + 1 + i % 4]
-            i += 1
-            try:
-                self.versions.append(self.client.predict(batch).model_version)
-            except Exception as exc:  # noqa: BLE001 - the test asserts there were none
-                self.errors.append(repr(exc))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(15)
-        self.client.close()
-
-
 def transitions(history: list[dict[str, Any]], version: int) -> list[tuple[str, str]]:
     return [(t["from_state"], t["to_state"]) for t in reversed(history) if t["version"] == version]
 
@@ -66,7 +35,7 @@ def test_v1_to_v2_commits_through_every_state_and_no_request_fails(
     stack: Any, devices: Callable[..., Any], kit: Any
 ) -> None:
     device = devices(stack)
-    traffic = Traffic(device.predict_url, kit.traffic_rows())
+    traffic = kit.Traffic(device.predict_url, kit.traffic_rows())
     try:
         kit.wait_for("traffic on v1", lambda: len(traffic.versions) >= 20)
         started = time.monotonic()
@@ -115,7 +84,7 @@ def test_trial_failure_is_rolled_back_by_the_device_alone(
     stack: Any, devices: Callable[..., Any], kit: Any
 ) -> None:
     device = devices(stack)
-    traffic = Traffic(device.predict_url, kit.traffic_rows())
+    traffic = kit.Traffic(device.predict_url, kit.traffic_rows())
     try:
         kit.wait_for("traffic on v1", lambda: len(traffic.versions) >= 20)
         stack.assign(device.id, 3)
