@@ -191,6 +191,9 @@ def test_telemetry_over_http_with_ingestion_in_the_app(
     counters = wait_ingested(http, viewer, len(messages))
     assert counters["stored:telemetry/drift"] == len(drift)
     assert counters["stored:telemetry/heartbeat"] == 10 * len(DEVICES)
+    exposition = http.get("/metrics").text
+    assert 'edgefleet_ingest_stored_total{kind="telemetry/drift"} 6.0' in exposition
+    assert 'edgefleet_ingest_rejected_total{reason="malformed"} 0.0' in exposition
 
     detail = http.get("/v1/devices/cam-b/telemetry", headers=viewer).json()
     assert detail["online"] is True and detail["last_seen"] is not None
