@@ -7,7 +7,8 @@
 * ``refresh``     re-sign whatever is close to expiry (what the scheduled job does)
 * ``renew-root``  a new root version with a fresh expiry (offline root key)
 
-Paths are arguments: ``--dir`` (the key directory) and ``--repo`` (the repository directory).
+Paths: ``--dir`` (the key directory) and ``--repo`` (the repository directory), by default
+the fleet settings' ``<data_dir>/keys`` and ``<data_dir>/tuf`` (``--config`` or environment).
 The logic lives in :mod:`fleet.keys` and :mod:`fleet.tuf_repo`; this module parses arguments,
 writes key files in a crash-safe order and prints.
 """
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import CryptoSigner
 
+from fleet.cli_support import add_config_flag, settings_from
 from fleet.errors import FleetError, SigningKeyExistsError
 from fleet.keys import (
     ONLINE_ROLES,
@@ -38,11 +41,28 @@ from fleet.tuf_repo import TufRepository
 from protocol.cli import CommandError
 
 
-def _paths(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, required=True, metavar="DIR", help="key directory")
+def _paths(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
+    """``--dir``/``--repo``, defaulting to the fleet settings' ``keys_dir``/``tuf_dir`` (the
+    directories ``fleet serve`` uses), and the handler that fills them in."""
+    add_config_flag(parser)
     parser.add_argument(
-        "--repo", type=Path, required=True, metavar="REPO", help="TUF repository directory"
+        "--dir", type=Path, metavar="DIR", help="key directory (default: <data_dir>/keys)"
     )
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        metavar="REPO",
+        help="TUF repository (default: <data_dir>/tuf)",
+    )
+
+    def with_paths(args: argparse.Namespace) -> int:
+        if args.dir is None or args.repo is None:
+            settings = settings_from(args)
+            args.dir = args.dir or settings.keys_dir
+            args.repo = args.repo or settings.tuf_dir
+        return handler(args)
+
+    parser.set_defaults(handler=with_paths)
 
 
 def _root_key(parser: argparse.ArgumentParser) -> None:
@@ -60,17 +80,15 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("init", help="create all keys and the repository's first metadata")
-    _paths(p)
+    _paths(p, init)
     p.add_argument("--force", action="store_true", help="replace existing keys and metadata")
-    p.set_defaults(handler=init)
 
     p = sub.add_parser("show", help="key ids, versions and expiries of every role")
-    _paths(p)
-    p.set_defaults(handler=show)
+    _paths(p, show)
 
     p = sub.add_parser("rotate", help="replace a role's key (new root version)")
     p.add_argument("role", choices=ROLES)
-    _paths(p)
+    _paths(p, rotate)
     _root_key(p)
     p.add_argument(
         "--new-root-key",
@@ -78,12 +96,11 @@ def register(subparsers: Any) -> None:
         metavar="PATH",
         help="where to write the new root key (required when rotating the root role)",
     )
-    p.set_defaults(handler=rotate)
 
     p = sub.add_parser("revoke", help="remove a key id from a role (new root version)")
     p.add_argument("role", choices=ROLES)
     p.add_argument("keyid", help="the key id (or its first 8+ characters)")
-    _paths(p)
+    _paths(p, revoke)
     _root_key(p)
     p.add_argument(
         "--new-root-key",
@@ -91,16 +108,13 @@ def register(subparsers: Any) -> None:
         metavar="PATH",
         help="where to write the replacement root key (when revoking the only root key)",
     )
-    p.set_defaults(handler=revoke)
 
     p = sub.add_parser("refresh", help="re-sign timestamp/snapshot/targets close to expiry")
-    _paths(p)
-    p.set_defaults(handler=refresh)
+    _paths(p, refresh)
 
     p = sub.add_parser("renew-root", help="a new root version with a fresh expiry")
-    _paths(p)
+    _paths(p, renew_root)
     _root_key(p)
-    p.set_defaults(handler=renew_root)
 
 
 def _now() -> datetime:

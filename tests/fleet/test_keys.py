@@ -243,3 +243,16 @@ def test_cli_without_online_keys_says_what_to_do(
 ) -> None:
     code, _, err = _run(capsys, "keys", "show", "--dir", tmp_path / "k", "--repo", tmp_path / "r")
     assert code == 2 and "fleet keys init" in err
+
+
+def test_cli_defaults_to_the_directories_fleet_serve_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --dir/--repo the keys and repository go where the server looks for them."""
+    monkeypatch.setenv("EDGEFLEET_DATA_DIR", str(tmp_path / "data"))
+    assert main(["keys", "init"]) == 0
+    assert (tmp_path / "data" / "keys" / "targets.pem").exists()
+    assert (tmp_path / "data" / "tuf" / "metadata" / "1.root.json").exists()
+    capsys.readouterr()
+    assert main(["keys", "show"]) == 0
+    assert "root v1" in capsys.readouterr().out
