@@ -121,6 +121,36 @@ class DesiredSettings(_Group):
     mqtt_protocol: Literal["3.1.1", "5"] = "3.1.1"
 
 
+class WebhookSettings(_Group):
+    """One webhook that receives every alert (:mod:`fleet.webhooks`): JSON POSTs signed with
+    HMAC-SHA256 under ``secret`` (the receiver holds the same secret to verify them)."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+", description="http(s):// URL to POST alerts to")
+    secret: SecretStr = Field(min_length=16, description="16+ characters shared with the receiver")
+
+
+class AlertSettings(_Group):
+    """Alert rules' thresholds (:mod:`fleet.alerts`), their jobs and webhooks.
+
+    ``offline_after``: a device silent this long is offline. ``drift_lookback``: a device's
+    drift alarm only counts its windows that ended this recently. ``fleet_window``: the length
+    of the buckets whose summed counts give the fleet-wide drift verdict; ``retrain_windows``
+    such buckets in a row drifted recommend retraining. A rolled-back rollout stays alerted for
+    ``rollback_alert_for``.
+    """
+
+    evaluate_every: Duration = timedelta(seconds=30)
+    deliver_every: Duration = timedelta(seconds=5)
+    offline_after: Duration = timedelta(minutes=15)
+    drift_lookback: Duration = timedelta(hours=6)
+    fleet_window: Duration = timedelta(hours=1)
+    retrain_windows: int = Field(default=3, ge=2, le=1000)
+    rollback_alert_for: Duration = timedelta(hours=24)
+    delivery_timeout: Duration = timedelta(seconds=10)
+    max_attempts: int = Field(default=12, ge=1, le=100)
+    webhooks: tuple[WebhookSettings, ...] = ()
+
+
 class _ConfigFileSource(InitSettingsSource):
     """The TOML config file, read strictly: a named file that is missing or broken is an error."""
 
@@ -169,6 +199,7 @@ class FleetSettings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     ingest: IngestSettings = IngestSettings()
     desired: DesiredSettings = DesiredSettings()
+    alerts: AlertSettings = AlertSettings()
     timestamp_expiry: Duration = timedelta(days=1)
     device_auth_max_skew: Duration = timedelta(minutes=5)
     db_busy_timeout_ms: int = Field(default=10_000, ge=0)
