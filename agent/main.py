@@ -57,11 +57,21 @@ from agent.update_store import UpdateStore
 from agent.version import agent_version
 from firmware_profiles import load_profile
 from protocol.drift import DriftSummary
-from protocol.messages import ActiveModel, HeartbeatBody, Latency, ModelRef, StateBody
+from protocol.messages import (
+    ActiveModel,
+    HeartbeatBody,
+    Latency,
+    ModelRef,
+    StateBody,
+    UpdateBody,
+)
 from protocol.profiles import FirmwareProfile
 from protocol.topics import TopicKind, device_topic
 
 log = logging.getLogger(__name__)
+
+# update transitions after which another model serves (the retained state must say so)
+MODEL_SWITCHED = frozenset({"trial", "rolled_back"})
 
 UpdateStatusSource = Callable[[], UpdateFigures | None]
 
@@ -311,7 +321,7 @@ class Agent:
             client=client,
             profile=self.profile,
             device_id=device_id,
-            report=self.reporter.report_update,
+            report=self._report_update,
             config=UpdaterConfig(
                 downloads_dir=self.paths.root / "downloads",
                 threads=self.profile.inference_threads,
@@ -319,6 +329,15 @@ class Agent:
             ),
             drift_factory=DriftAccumulator,
         )
+
+    def _report_update(self, body: UpdateBody) -> None:
+        """Report one update transition; when it switched the served model (into trial, back
+        after a rollback), publish the retained state again so the fleet sees the running
+        release now rather than at the next reconnect."""
+        assert self.reporter is not None
+        self.reporter.report_update(body)
+        if body.to_state in MODEL_SWITCHED and self.link is not None:
+            self.link.refresh_state()
 
     def update_status(self) -> UpdateFigures | None:
         """The current (or last) update for the health page."""
