@@ -62,6 +62,14 @@ def test_v1_to_v2_commits_through_every_state_and_no_request_fails(
     assert set(final["elapsed_s"]) >= {"downloading", "health_check", "trial"}
     current = updates["current"]
     assert current["desired"]["version"] == 2 and current["desired"]["published"]
+    # the device's state report (retained birth) follows the switch: the fleet sees it in sync
+    kit.wait_for(
+        "the fleet to see the device run v2 in sync",
+        lambda: stack.updates(device.id)["current"]["running_version"] == 2,
+        15,
+        0.2,
+    )
+    assert stack.updates(device.id)["current"]["in_sync"] is True
     print(f"v1 -> v2 through the real stack: {took:.2f}s, per state {final['elapsed_s']}")
 
 
@@ -101,5 +109,11 @@ def test_trial_failure_is_rolled_back_by_the_device_alone(
     assert ("activating", "trial") in steps and ("trial", "rolling_back") in steps, steps
     assert steps[-1] == ("rolling_back", "rolled_back")
     assert 3 in traffic.versions  # the new model did serve during its trial
+    kit.wait_for(
+        "the fleet to see the device run v1 again",
+        lambda: stack.updates(device.id)["current"]["running_version"] == 1,
+        15,
+        0.2,
+    )
     assert device.active_version() == 1
     assert device.predict(kit.traffic_rows(3)).model_version == 1
