@@ -19,7 +19,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from fleet.commands.release import _add_server_flags, _call, _client
+from fleet.commands.release import add_server_flags, call, client
 from protocol.cli import CommandError, command_group
 
 
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "active device of --group. The version must be newer than each device's current one; "
         "with --rollback it must be an older published version (an explicit, signed rollback).",
     )
-    _add_server_flags(parser)
+    add_server_flags(parser)
     parser.add_argument("device", nargs="?", metavar="DEVICE", help="the device id")
     parser.add_argument("--group", default=None, help="every active device of this group")
     parser.add_argument("--model", required=True, help="model name")
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     updates = device.add_parser(
         "updates", help="a device's update state and history (newest first)"
     )
-    _add_server_flags(updates)
+    add_server_flags(updates)
     updates.add_argument("device", metavar="DEVICE")
     updates.add_argument("--limit", type=int, default=50, help="transitions to show")
     updates.add_argument("--json", action="store_true", help="print the server's answer as JSON")
@@ -62,8 +62,8 @@ def assign(args: argparse.Namespace) -> int:
         if args.group
         else (f"/v1/devices/{args.device}/assignment")
     )
-    with _client(args) as client:
-        result = _call(client, "POST", path, json=body)
+    with client(args) as http:
+        result = call(http, "POST", path, json=body)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
@@ -91,10 +91,8 @@ def _release(model: Any, version: Any, rollback: Any = False) -> str:
 
 
 def show_updates(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        got = _call(
-            client, "GET", f"/v1/devices/{args.device}/updates", params={"limit": args.limit}
-        )
+    with client(args) as http:
+        got = call(http, "GET", f"/v1/devices/{args.device}/updates", params={"limit": args.limit})
     if args.json:
         print(json.dumps(got, indent=2, sort_keys=True))
         return 0

@@ -42,24 +42,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "reference profile, size limits) and publishes it as a signed release. The version in "
         "bundle.json must be greater than the model's latest.",
     )
-    _add_server_flags(upload)
+    add_server_flags(upload)
     upload.add_argument("bundle_dir", type=Path, metavar="BUNDLE_DIR")
     upload.set_defaults(handler=upload_release)
 
     listing = sub.add_parser("list", help="list releases")
-    _add_server_flags(listing)
+    add_server_flags(listing)
     listing.add_argument("--model", default=None, help="only this model's releases")
     listing.set_defaults(handler=list_releases)
 
     show = sub.add_parser("show", help="one release: files, targets, thresholds")
-    _add_server_flags(show)
+    add_server_flags(show)
     show.add_argument("name", metavar="NAME")
     show.add_argument("version", type=int, metavar="VERSION")
     show.add_argument("--json", action="store_true", help="print the release as JSON")
     show.set_defaults(handler=show_release)
 
 
-def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         default=None,
@@ -68,7 +68,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help=f"API token (default: ${TOKEN_ENV})")
 
 
-def _client(args: argparse.Namespace, timeout: float = 30.0) -> httpx.Client:
+def client(args: argparse.Namespace, timeout: float = 30.0) -> httpx.Client:
     server = args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
@@ -83,12 +83,12 @@ def _client(args: argparse.Namespace, timeout: float = 30.0) -> httpx.Client:
     )
 
 
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+def call(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
-        r = client.request(method, path, **kwargs)
+        r = http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         raise CommandError(
-            f"cannot reach the fleet manager at {client.base_url} ({exc}); check --server / "
+            f"cannot reach the fleet manager at {http.base_url} ({exc}); check --server / "
             f"{SERVER_ENV}"
         ) from exc
     if r.is_error:
@@ -109,9 +109,9 @@ def upload_release(args: argparse.Namespace) -> int:
         )
     body = pack(directory)
     print(f"uploading {directory} ({len(body)} bytes packed)", file=sys.stderr)
-    with _client(args, timeout=600.0) as client:
-        got = _call(
-            client, "POST", "/v1/models", content=body, headers={"Content-Type": "application/gzip"}
+    with client(args, timeout=600.0) as http:
+        got = call(
+            http, "POST", "/v1/models", content=body, headers={"Content-Type": "application/gzip"}
         )
     release, t = got["release"], got["timings"]
     print(
@@ -125,13 +125,13 @@ def upload_release(args: argparse.Namespace) -> int:
 
 
 def list_releases(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client(args) as http:
         if args.model:
-            releases = _call(client, "GET", f"/v1/models/{args.model}/releases")
+            releases = call(http, "GET", f"/v1/models/{args.model}/releases")
         else:
             releases = []
-            for model in _call(client, "GET", "/v1/models"):
-                releases += _call(client, "GET", f"/v1/models/{model['name']}/releases")
+            for model in call(http, "GET", "/v1/models"):
+                releases += call(http, "GET", f"/v1/models/{model['name']}/releases")
     print(f"{'MODEL':<24} {'VERSION':>7} {'STATUS':<10} {'ARTIFACTS':>9} {'CREATED':<17} BY")
     for r in releases:
         artifacts = sum(1 for f in r["files"] if f["kind"] == "artifact")
@@ -144,8 +144,8 @@ def list_releases(args: argparse.Namespace) -> int:
 
 
 def show_release(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        r = _call(client, "GET", f"/v1/models/{args.name}/releases/{args.version}")
+    with client(args) as http:
+        r = call(http, "GET", f"/v1/models/{args.name}/releases/{args.version}")
     if args.json:
         print(json.dumps(r, indent=2, sort_keys=True))
         return 0
@@ -162,3 +162,9 @@ def show_release(args: argparse.Namespace) -> int:
     for key, value in sorted(meta.get("health", {}).items()):
         print(f"  {key} = {value}")
     return 0
+
+
+# the names before they were public (other command modules may still import them)
+_add_server_flags = add_server_flags
+_client = client
+_call = call
