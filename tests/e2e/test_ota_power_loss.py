@@ -3,8 +3,9 @@ SIGKILLed inside each update state (the test pause hook, ``EDGEFLEET_TEST_PAUSE_
 ``EDGEFLEET_TEST_PAUSE_MARKER``, holds it there after the state was saved), restarted without
 the hook, and ends on a working model every time: the new one committed when the cut came
 before or during a good release's trial, the old one when the release fails its trial or the
-cut came while rolling back. Predictions work afterwards and the fleet's update history
-(ingested over MQTT, including the reports queued in the outbox before the cut) shows the end.
+cut came while rolling back. Predictions work afterwards, the fleet's update history (ingested
+over MQTT, including the reports queued in the outbox before the cut) shows the end, and the
+fleet's view of the running release (the device's retained state) matches the active slot.
 
 Each case runs ``REPEATS`` times on a fresh device.
 """
@@ -76,3 +77,9 @@ def test_power_loss_in_each_state_ends_on_a_working_model(
     record = device.record()
     assert record is not None and record.state.value == final
     assert device.alive(), device.log()
+    kit.wait_for(
+        f"the fleet to see the device run v{serving}",
+        lambda: stack.updates(device.id)["current"]["running_version"] == serving,
+        15,
+        0.2,
+    )
