@@ -356,12 +356,15 @@ def upload_releases(stack: Stack, tmp: Path) -> dict[str, int]:
     return {"v1": 1, "good": 2, "trial_fails": 3, "too_slow": 4}
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's EDGEFLEET_* variables must not leak into the fleet or the agents."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
+@pytest.fixture(autouse=True, scope="session")
+def _no_ambient_settings() -> Iterator[None]:
+    """A developer's EDGEFLEET_* variables must not leak into the fleet or the agents (session
+    scope: the module-scoped stacks are built before any function-scoped fixture runs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith(ENV_PREFIX):
+                mp.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="module")
