@@ -36,6 +36,10 @@ PUBLIC = {
     ("GET", "/docs"): "the API docs",
     ("GET", "/docs/oauth2-redirect"): "part of the API docs",
     ("GET", "/redoc"): "the API docs",
+    ("GET", "/dashboard/login"): "the dashboard's sign-in form: a browser has no session yet",
+    ("POST", "/dashboard/login"): "checks the pasted API token itself (401 page if not valid)",
+    ("POST", "/dashboard/logout"): "only clears the caller's own session cookie",
+    ("GET", "/dashboard/static/{name}"): "the sign-in page's CSS and script; no data",
 }
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
