@@ -59,6 +59,7 @@ def frame(title: str, body: str, active: str = "", who: str = "") -> str:
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)} · edgefleet</title>"
+        '<link rel="icon" href="data:,">'
         '<link rel="stylesheet" href="/dashboard/static/dashboard.css">'
         '<script src="/dashboard/static/dashboard.js"></script></head><body>'
         f'<header><span class="brand">edgefleet</span><nav>{nav}</nav>{account}</header>'
