@@ -5,10 +5,11 @@ feature/device), canary vs control, alerts, a strict CSP; chart and page helpers
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -197,3 +198,79 @@ def test_line_chart_scales_points_into_the_plot() -> None:
 def test_bar_chart_draws_one_rect_per_value() -> None:
     svg = bar_chart([BarGroup("x", (0.2, 0.4)), BarGroup("y", (0.1, 0.3))], ["a", "b"], "T")
     assert svg.count("<rect ") == 4 and "a x: 0.2" in svg
+
+
+# --- rollouts (rows as fleet.rollouts writes them) --------------------------------------------
+
+
+def _rollout(settings: FleetSettings, now: datetime, state: str) -> None:
+    stamp = (now - timedelta(hours=8)).isoformat(timespec="milliseconds")
+    verdicts = [
+        {
+            "gate": "updates",
+            "status": "pass",
+            "reason": "1 of 1 committed",
+            "value": 1.0,
+            "threshold": 0.95,
+        },
+        {
+            "gate": "drift",
+            "status": "fail",
+            "reason": "canary drifted against control",
+            "value": 0.27,
+            "threshold": 0.1,
+        },
+    ]
+    with closing(connect(settings.db_path)) as db:
+        # cam-3 took v2 (same reference profile): the canary; the others stay on v1
+        db.execute("UPDATE drift_summaries SET model_version = 2 WHERE device_id = 'cam-3'")
+        db.execute(
+            "INSERT INTO rollouts (id, model, version, target_kind, target_value, target_key, "
+            "stages, gates, policy, state, stage, stage_started_at, verdicts, reason, created_at, "
+            "created_by, updated_at) VALUES ('ro-1', 'load-model', 2, 'all', '[]', 'all', ?, "
+            "'{}', 'pause', ?, 0, ?, ?, 'gate drift failed', ?, 'token:t', ?)",
+            [
+                json.dumps(
+                    [
+                        {"percent": 25, "soak_s": 600, "max_wait_s": 3600},
+                        {"percent": 100, "soak_s": 600, "max_wait_s": 3600},
+                    ]
+                ),
+                state,
+                stamp,
+                json.dumps(verdicts),
+                stamp,
+                now.isoformat(timespec="milliseconds"),
+            ],
+        )
+        for device, stage in (("cam-3", 0), ("cam-1", 1), ("cam-2", 1), ("cam-4", 1)):
+            db.execute(
+                "INSERT INTO rollout_devices (rollout_id, device_id, stage, from_version, "
+                "placed_at) VALUES ('ro-1', ?, ?, 1, ?)",
+                [device, stage, stamp],
+            )
+        db.conn.commit()
+
+
+def test_rollout_page_and_alert(
+    settings: FleetSettings, clock: Callable[[], datetime], browser: httpx.Client
+) -> None:
+    _rollout(settings, clock(), "paused")
+    listing = browser.get("/dashboard/rollouts").text
+    assert "/dashboard/rollouts/ro-1" in listing and "paused" in listing
+    r = browser.get("/dashboard/rollouts/ro-1")
+    assert r.status_code == 200, r.text
+    assert r.text.count('class="progress-bar"') == 2
+    assert "canary drifted against control" in r.text and ">0.27<" in r.text
+    svgs = re.findall(r"<svg xmlns.*?</svg>", r.text)
+    titles = re.findall(r'font-weight="600"[^>]*>([^<]+)</text>', "".join(svgs))
+    assert [t.split(":")[0] for t in titles[:4]] == ["f0", "f1", "f2", "f3"]
+    assert "canary vs control" in titles[0] and "drifted" in titles[0]
+    with closing(connect(settings.db_path)) as db:
+        AlertService(db, settings).evaluate(clock())
+        kinds = {a.kind for a in AlertService(db, settings).find()}
+    assert "rollout_paused" in kinds
+    assert (
+        "rollout ro-1 of load-model/2 paused: gate drift failed"
+        in browser.get("/dashboard/alerts").text
+    )
