@@ -15,7 +15,7 @@ import argparse
 import json
 
 from fleet.alerts import AlertKind
-from fleet.commands.release import _add_server_flags, _call, _client
+from fleet.commands.release import add_server_flags, call, client
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,25 +23,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = parser.add_subparsers(dest="alert_command", metavar="ACTION", required=True)
 
     listing = sub.add_parser("list", help="list alerts, newest first")
-    _add_server_flags(listing)
+    add_server_flags(listing)
     listing.add_argument("--state", choices=("open", "resolved", "all"), default="open")
     listing.add_argument("--kind", choices=[k.value for k in AlertKind], default=None)
     listing.add_argument("--limit", type=int, default=100)
     listing.set_defaults(handler=list_alerts)
 
     show = sub.add_parser("show", help="one alert and its webhook deliveries")
-    _add_server_flags(show)
+    add_server_flags(show)
     show.add_argument("alert_id", metavar="ID")
     show.add_argument("--json", action="store_true", help="print it as JSON")
     show.set_defaults(handler=show_alert)
 
     ack = sub.add_parser("ack", help="acknowledge an alert (operator)")
-    _add_server_flags(ack)
+    add_server_flags(ack)
     ack.add_argument("alert_id", metavar="ID")
     ack.set_defaults(handler=ack_alert)
 
     evaluate = sub.add_parser("evaluate", help="run the alert rules now (operator)")
-    _add_server_flags(evaluate)
+    add_server_flags(evaluate)
     evaluate.set_defaults(handler=evaluate_alerts)
 
 
@@ -55,8 +55,8 @@ def list_alerts(args: argparse.Namespace) -> int:
     params: dict[str, str | int] = {"state": args.state, "limit": args.limit}
     if args.kind:
         params["kind"] = args.kind
-    with _client(args) as client:
-        alerts = _call(client, "GET", "/v1/alerts", params=params)
+    with client(args) as http:
+        alerts = call(http, "GET", "/v1/alerts", params=params)
     print(f"{'ID':<16} {'STATE':<8} {'SEVERITY':<8} {'KIND':<22} {'OPENED':<17} MESSAGE")
     for a in alerts:
         print(_line(a))
@@ -64,8 +64,8 @@ def list_alerts(args: argparse.Namespace) -> int:
 
 
 def show_alert(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        got = _call(client, "GET", f"/v1/alerts/{args.alert_id}")
+    with client(args) as http:
+        got = call(http, "GET", f"/v1/alerts/{args.alert_id}")
     if args.json:
         print(json.dumps(got, indent=2, sort_keys=True))
         return 0
@@ -86,14 +86,14 @@ def show_alert(args: argparse.Namespace) -> int:
 
 
 def ack_alert(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        a = _call(client, "POST", f"/v1/alerts/{args.alert_id}/acknowledge")
+    with client(args) as http:
+        a = call(http, "POST", f"/v1/alerts/{args.alert_id}/acknowledge")
     print(f"acknowledged {a['id']} ({a['message']})")
     return 0
 
 
 def evaluate_alerts(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        r = _call(client, "POST", "/v1/alerts/evaluate")
+    with client(args) as http:
+        r = call(http, "POST", "/v1/alerts/evaluate")
     print(f"{r['open']} alert(s) open; opened {len(r['opened'])}, resolved {len(r['resolved'])}")
     return 0
