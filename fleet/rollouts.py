@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,10 +51,8 @@ from fleet.errors import ConflictError, FleetError, InvalidInputError, NotFoundE
 from fleet.gates import (
     Action,
     DeviceProgress,
-    DriftInput,
     GateConfig,
     GateVerdict,
-    LatencyInput,
     Outcome,
     StageInputs,
     Status,
@@ -72,22 +71,20 @@ from fleet.rollout_plan import (
     next_state,
     stage_for_late_device,
 )
+from fleet.rollout_reports import RolloutReports
 from fleet.settings import FleetSettings
 from fleet.store import Store, from_iso, immediate, iso, to_json
-from protocol.drift import WindowCounts, merge
-from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_JOB = "rollout_controller"
+# one thread at a time issues a rollout's assignments (in this process; the database's
+# serials and the recovery of assignments made "meanwhile" cover the rest)
+_ASSIGNING = threading.Lock()
 CONTROLLER_EVERY = timedelta(seconds=5)
 DEFAULT_SOAK_S = 600.0
 DEFAULT_MAX_WAIT_S = 6 * 3600.0
 TARGET_KINDS = ("all", "group", "tags", "profiles")
-MAX_DRIFT_WINDOWS = 50_000
-UPDATING_STATES = frozenset(
-    {"idle", "downloading", "verifying", "installing", "health_check", "activating", "trial"}
-)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -643,6 +640,10 @@ class RolloutService:
 
     def _assign_due(self, rollout: Rollout, release: Release, now: datetime) -> None:
         """Assign the release to every placed device of a started stage not assigned yet."""
+        with _ASSIGNING:  # the controller job and an operator's request may both get here
+            self._assign_due_now(rollout, release, now)
+
+    def _assign_due_now(self, rollout: Rollout, release: Release, now: datetime) -> None:
         rows = list(
             self.db.query(
                 "SELECT device_id, from_version FROM rollout_devices WHERE rollout_id = ? "
@@ -657,7 +658,7 @@ class RolloutService:
         recovered: dict[str, str] = {}
         for row in rows:
             device = row["device_id"]
-            latest = self.desired._latest(device)
+            latest = self.desired.current(device)
             if latest is not None and latest.rollout_id == rollout.id and not latest.rollback:
                 recovered[device] = iso(latest.issued_at)  # assigned before a crash
                 continue
@@ -689,6 +690,10 @@ class RolloutService:
                     self.desired.assign([device], release, False, rollout.id, SYSTEM, now)
                     done.append(device)
                 except FleetError as one:
+                    latest = self.desired.current(device)
+                    if latest is not None and latest.rollout_id == rollout.id:
+                        done.append(device)  # assigned meanwhile by this rollout
+                        continue
                     with immediate(self.db):
                         self.db.table("rollout_devices").update(
                             (rollout.id, device), {"note": f"not assigned: {one}"}
@@ -706,90 +711,10 @@ class RolloutService:
             len(done),
         )
 
-    # --- reading the reports ----------------------------------------------------------------
-
-    def _progress(self, rollout: Rollout) -> list[DeviceProgress]:
-        rows = list(
-            self.db.query(
-                "SELECT r.device_id, r.stage, r.assigned_at, r.rollback_at, r.from_version, "
-                "r.note, s.model_name AS running_model, "
-                "s.model_version AS running_version FROM rollout_devices r "
-                "LEFT JOIN device_state s ON s.device_id = r.device_id "
-                "WHERE r.rollout_id = ? AND r.note IS NULL ORDER BY r.stage, r.device_id",
-                [rollout.id],
-            )
-        )
-        events: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-        for e in self.db.query(
-            "SELECT e.device_id, e.from_state, e.to_state, e.reason, e.rollback, "
-            "e.release_version, m.received_at FROM update_events e JOIN rollout_devices r "
-            "ON r.device_id = e.device_id AND r.rollout_id = ? "
-            "JOIN telemetry_messages m ON m.device_id = e.device_id AND m.seq = e.seq "
-            "WHERE e.release_name = ? AND e.release_version IN (?, coalesce(r.from_version, -1)) "
-            "ORDER BY e.seq",
-            [rollout.id, rollout.model, rollout.version],
-        ):
-            events[e["device_id"]].append(e)
-        out = []
-        for r in rows:
-            mine = [e for e in events[r["device_id"]] if e["release_version"] == rollout.version]
-            mine = [e for e in mine if not e["rollback"]]
-            outcome, reason = Outcome.PENDING, None
-            if r["assigned_at"] is not None:
-                if mine:
-                    last = mine[-1]
-                    reason = last["reason"]
-                    to = last["to_state"]
-                    if to == "committed":
-                        outcome = Outcome.COMMITTED
-                    elif to == "failed":
-                        outcome = Outcome.FAILED
-                    elif to in ("rolling_back", "rolled_back"):
-                        outcome = Outcome.ROLLED_BACK
-                    elif to in UPDATING_STATES:
-                        outcome = Outcome.UPDATING
-                elif r["running_version"] == rollout.version:
-                    outcome = Outcome.COMMITTED
-            if r["rollback_at"] is not None and self._rolled_back(rollout, r, events):
-                outcome = Outcome.ROLLED_BACK
-            trial_failed = any(
-                e["from_state"] == "trial" and e["to_state"] in ("rolling_back", "failed")
-                for e in mine
-            )
-            assigned = from_iso(r["assigned_at"]) if r["assigned_at"] else None
-            # stuck means silent about the update (a device may heartbeat and never update)
-            seen = from_iso(mine[-1]["received_at"]) if mine else None
-            out.append(
-                DeviceProgress(
-                    r["device_id"],
-                    int(r["stage"]),
-                    outcome,
-                    _epoch(assigned) if assigned else None,
-                    _epoch(seen) if seen else None,
-                    trial_failed,
-                    reason,
-                )
-            )
-        return out
-
-    @staticmethod
-    def _rolled_back(
-        rollout: Rollout, row: Mapping[str, Any], events: Mapping[str, list[Mapping[str, Any]]]
-    ) -> bool:
-        """The device is off the rollout's release again: it reports another version, or its
-        signed rollback reached its end."""
-        if row["running_version"] is not None and row["running_version"] != rollout.version:
-            return True
-        return any(
-            e["rollback"] and e["to_state"] in ("committed", "rolled_back", "failed")
-            for e in events[row["device_id"]]
-            if e["release_version"] == row["from_version"]
-        )
-
     def _inputs(self, rollout: Rollout, now: datetime) -> StageInputs:
-        devices = self._progress(rollout)
+        reports = RolloutReports(self.db, rollout.id, rollout.model, rollout.version)
+        devices = reports.progress()
         spec = rollout.stages[rollout.stage]
-        ids = [d.device_id for d in devices]
         control = sum(1 for d in devices if d.assigned_at is None)
         lo, hi = _epoch(rollout.stage_started_at), _epoch(now)
         return StageInputs(
@@ -799,78 +724,22 @@ class RolloutService:
             max_wait_s=spec.max_wait_s,
             devices=tuple(d for d in devices if d.stage == rollout.stage),
             trial_failures=tuple(d.device_id for d in devices if d.trial_failed),
-            latency=self._latency(rollout, ids, lo, hi, control),
-            drift=self._drift(rollout, ids, lo, hi, control),
+            latency=reports.latency(lo, hi, control),
+            drift=reports.drift(lo, hi, control),
         )
 
-    def _in_rollout(self, rollout: Rollout) -> str:
-        return "device_id IN (SELECT device_id FROM rollout_devices WHERE rollout_id = ?)"
-
-    def _latency(
-        self, rollout: Rollout, ids: list[str], lo: float, hi: float, control: int
-    ) -> LatencyInput:
-        new: list[float] = []
-        old: list[float] = []
-        for version, p95 in self.db.execute(
-            "SELECT model_version, latency_p95_ms FROM heartbeats WHERE "
-            f"{self._in_rollout(rollout)} AND ts > ? AND ts <= ? AND model_name = ? "
-            "AND latency_p95_ms IS NOT NULL AND model_version IS NOT NULL",
-            [rollout.id, lo, hi, rollout.model],
-        ):
-            if version == rollout.version:
-                new.append(float(p95))
-            elif version < rollout.version:
-                old.append(float(p95))
-        return LatencyInput(tuple(new), tuple(old), control)
-
-    def _drift(
-        self, rollout: Rollout, ids: list[str], lo: float, hi: float, control: int
-    ) -> DriftInput:
-        canary: list[WindowCounts] = []
-        older: list[WindowCounts] = []
-        for version, counts in self.db.execute(
-            "SELECT model_version, counts FROM drift_summaries WHERE "
-            f"{self._in_rollout(rollout)} AND window_end > ? AND window_end <= ? "
-            "AND model_name = ? ORDER BY window_end LIMIT ?",
-            [rollout.id, lo, hi, rollout.model, MAX_DRIFT_WINDOWS],
-        ):
-            try:
-                w = WindowCounts.from_dict(json.loads(counts))
-            except (ProtocolError, ValueError) as exc:
-                log.warning("rollout %s: unreadable drift window skipped: %s", rollout.id, exc)
-                continue
-            if version == rollout.version:
-                canary.append(w)
-            elif version < rollout.version:
-                older.append(w)
-        a, b = _merged(canary), _merged(older)
-        features: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
-        names: tuple[str, ...] = ()
-        if (
-            isinstance(a, WindowCounts)
-            and isinstance(b, WindowCounts)
-            and a.reference_sha256 == b.reference_sha256
-            and a.bins == b.bins
-        ):
-            features = tuple(
-                (_ints(a.feature_counts(j)), _ints(b.feature_counts(j))) for j in range(len(a.bins))
-            )
-            names = a.feature_names
-        return DriftInput(
-            canary_classes=_classes(a),
-            control_classes=_classes(b),
-            canary_n=sum(w.n for w in canary),
-            control_n=sum(w.n for w in older),
-            control_devices=control,
-            features=features,
-            feature_names=names,
-        )
+    def _progress(self, rollout: Rollout) -> list[DeviceProgress]:
+        return RolloutReports(self.db, rollout.id, rollout.model, rollout.version).progress()
 
     # --- rolling back -----------------------------------------------------------------------
 
     def _issue_rollbacks(self, rollout: Rollout, now: datetime) -> None:
         """Signed rollbacks, to each device's previous version, for every device the rollout
         assigned and has not rolled back yet."""
+        with _ASSIGNING:
+            self._issue_rollbacks_now(rollout, now)
+
+    def _issue_rollbacks_now(self, rollout: Rollout, now: datetime) -> None:
         rows = list(
             self.db.query(
                 "SELECT device_id, from_version FROM rollout_devices WHERE rollout_id = ? "
@@ -883,7 +752,7 @@ class RolloutService:
         recovered: dict[str, str] = {}
         for row in rows:
             device, version = row["device_id"], row["from_version"]
-            latest = self.desired._latest(device)
+            latest = self.desired.current(device)
             if latest is not None and latest.rollback and latest.rollout_id == rollout.id:
                 recovered[device] = iso(latest.issued_at)
             elif version is None:
@@ -952,33 +821,6 @@ class RolloutService:
                 return TickResult(rollout.id, current.state, current.stage, "nothing", "changed")
             to = self._transition(current, RolloutEvent.ROLLBACK_DONE, SYSTEM, now, reason)
         return TickResult(rollout.id, to, rollout.stage, RolloutEvent.ROLLBACK_DONE.value, reason)
-
-
-def _merged(windows: list[WindowCounts]) -> WindowCounts | tuple[int, ...] | None:
-    """The merge of the windows; only their summed class counts when their references differ."""
-    if not windows:
-        return None
-    try:
-        return merge(windows)
-    except ProtocolError:
-        size = max(len(w.class_counts) for w in windows)
-        total = [0] * size
-        for w in windows:
-            for i, c in enumerate(w.class_counts):
-                total[i] += int(c)
-        return tuple(total)
-
-
-def _classes(merged: WindowCounts | tuple[int, ...] | None) -> tuple[int, ...]:
-    if merged is None:
-        return ()
-    if isinstance(merged, WindowCounts):
-        return _ints(merged.class_counts)
-    return merged
-
-
-def _ints(values: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in values)
 
 
 # --- the scheduler job ------------------------------------------------------------------------
