@@ -3,7 +3,8 @@ scheduler's rollout controller, real ``edge-agent run`` processes with live traf
 heartbeats and drift windows (short telemetry intervals), driven only over the fleet's HTTP API.
 
 * A good release (v2) goes through both stages to completed (after an operator's pause and
-  resume), every device ends on v2.
+  resume), every device ends on v2, including one that was offline when its stage started
+  and got the release from its retained desired document when it came back.
 * A release whose canaries fail their trial (v3: outputs collapse) is rolled back: the canaries
   revert on their own, the fleet signs rollbacks for every device that took it, the rollout ends
   rolled back and the last stage never gets the release.
@@ -137,7 +138,21 @@ def test_a_good_release_goes_through_every_stage(
         assert doc["rollout"]["state"] == "paused" and doc["rollout"]["stage"] == 0
         canary = [d for d in doc["devices"] if d["stage"] == 0]
         assert len(canary) == 1
+        # a device of the last stage is offline when its stage starts
+        last = {d["device_id"] for d in doc["devices"] if d["stage"] == 1}
+        i, offline = next((i, d) for i, d in enumerate(group.devices) if d.id in last)
+        group.traffic[i].close()
+        offline.stop()
         assert control(stack, rid, "resume")["state"] == "running"
+        kit.wait_for("stage 2", lambda: status(stack, rid)["rollout"]["stage"] == 1, 90, 0.5)
+        time.sleep(6)
+        doc = status(stack, rid)
+        mine = next(d for d in doc["devices"] if d["device_id"] == offline.id)
+        assert doc["rollout"]["state"] == "running" and mine["outcome"] == "pending", doc
+        # back online: the retained desired document brings it the release
+        offline.start()
+        offline.wait_serving()
+        group.traffic[i] = kit.Traffic(offline.predict_url, kit.traffic_rows())
         done = wait_state(stack, kit, rid, "completed")
     finally:
         group.close()
