@@ -4,7 +4,7 @@ stage decision out.
 The gates of a stage (thresholds in :class:`GateConfig`, per rollout):
 
 * ``updates`` — the current stage's devices: committed count as success; ``failed``,
-  ``rolled_back`` and **stuck** devices (assigned, no terminal report and no report at all for
+  ``rolled_back`` and **stuck** devices (assigned, not finished, and no update report for
   ``stuck_timeout_s``) as failures. Fails once the failures exceed ``max_failures`` (when set)
   or make ``min_success_rate`` unreachable; waits while devices are still undecided.
 * ``trial`` — devices of the rollout whose new release failed its trial on the device (the
@@ -21,8 +21,8 @@ The gates of a stage (thresholds in :class:`GateConfig`, per rollout):
   the same reference profile (a dataset is drifted when at least half its features are).
   Levels are Bonferroni-divided by the number of tests. Waits until both sides have
   ``min_drift_n`` rows; skipped without a control cohort.
-* ``reporting`` — optional: at least ``min_reporting`` devices of the stage have reported since
-  they were assigned (waits otherwise).
+* ``reporting`` — optional: at least ``min_reporting`` devices of the stage have reported on
+  their update since they were assigned (waits otherwise).
 
 Decision (:func:`evaluate`): any failing gate fails the stage at once (no need to sit out the
 soak); otherwise the stage waits for its soak time; then it passes when every gate passes (or is
@@ -113,7 +113,8 @@ class GateConfig:
 @dataclass(frozen=True)
 class DeviceProgress:
     """One device of the rollout: its stage, when it was assigned (None: not yet), what it last
-    reported about the new release, and when it last reported anything. Times: epoch seconds."""
+    reported about the new release and when (the fleet's receipt time; heartbeats do not
+    count: a device that runs but never moves its update is stuck). Times: epoch seconds."""
 
     device_id: str
     stage: int
