@@ -4,7 +4,8 @@
 (:func:`protocol.golden.check_golden`) and the p95 of single-row latencies against the firmware
 profile's ``latency_budget_ms``. :func:`run_health_check` is the thin adapter: it loads the slot's
 artifact in its runtime, replays the golden inputs as one batch, then times single-row
-predictions (after a warm-up) and closes the runtime.
+predictions (after a warm-up) and closes the runtime — unless the caller passed the runtime in,
+which the update engine does when a shadow step follows, so the candidate is loaded once.
 
 It does not activate anything, and it does not touch the active slot or the inference service.
 """
@@ -15,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.runtimes import load_runtime
+from agent.runtimes import Runtime, load_runtime
 from agent.slots import InstalledRelease
 from protocol.golden import GoldenResult, GoldenSet, check_golden
 
@@ -58,11 +59,18 @@ def evaluate_health(
     return HealthVerdict(not reasons, golden, p95_ms, budget_ms, "; ".join(reasons))
 
 
-def run_health_check(installed: InstalledRelease, threads: int, budget_ms: float) -> HealthVerdict:
-    """Load ``installed`` in its runtime and check it (raises ModelLoadError if it cannot)."""
+def run_health_check(
+    installed: InstalledRelease, threads: int, budget_ms: float, runtime: Runtime | None = None
+) -> HealthVerdict:
+    """Load ``installed`` in its runtime and check it (raises ModelLoadError if it cannot).
+
+    With ``runtime`` (``installed``'s artifact, loaded by the caller) it is used and left open.
+    """
     release = installed.release
     golden = GoldenSet.from_json(installed.file(release.golden).read_bytes())
-    runtime = load_runtime(installed.artifact_path, release.runtime, threads)
+    owned = runtime is None
+    if runtime is None:
+        runtime = load_runtime(installed.artifact_path, release.runtime, threads)
     try:
         result = check_golden(golden, runtime.predict(golden.inputs))
         rows = golden.inputs
@@ -75,5 +83,6 @@ def run_health_check(installed: InstalledRelease, threads: int, budget_ms: float
             runtime.predict(row)
             latencies.append(time.perf_counter() - start)
     finally:
-        runtime.close()
+        if owned:
+            runtime.close()
     return evaluate_health(result, latencies, budget_ms)

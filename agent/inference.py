@@ -12,6 +12,11 @@ accumulator (through a small buffer that takes the argmax once per block) and re
 latency. Bad input raises :class:`InputError` carrying the HTTP status that describes it (400,
 413, 422); no model raises :class:`NoModelError` (503).
 
+A :class:`BatchTap` attached with :meth:`InferenceService.add_tap` gets copies of a model's
+served rows with their predicted classes in the same blocks as the drift accumulator (the update
+engine's shadow step uses this to run a candidate on live inputs); the request path never calls
+it.
+
 It does not speak HTTP (:mod:`agent.http_server`), choose or verify artifacts (:mod:`agent.slots`
 and the installers), or close drift windows on a schedule (:mod:`agent.main`).
 """
@@ -78,6 +83,14 @@ class DriftSink(Protocol):
 DriftFactory = Callable[[ReferenceProfile], DriftSink]
 
 
+class BatchTap(Protocol):
+    """Wants a model's served rows too (the update engine's shadow step). ``add`` is called
+    under the model's lock with arrays that are reused afterwards: copy what you keep, and keep
+    it short (copy into a bounded buffer; do the work elsewhere)."""
+
+    def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None: ...
+
+
 class DriftBuffer:
     """Served batches on their way to the drift accumulator, handed over in blocks.
 
@@ -90,21 +103,26 @@ class DriftBuffer:
     it under the model's lock.
     """
 
-    __slots__ = ("sink", "inputs", "outputs", "fill", "limit", "_sink_add")
+    __slots__ = ("sink", "inputs", "outputs", "fill", "limit", "taps", "_sink_add")
 
-    def __init__(self, sink: DriftSink, n_features: int, n_classes: int, limit: int = 256) -> None:
-        self.sink = sink
+    def __init__(
+        self, sink: DriftSink | None, n_features: int, n_classes: int, limit: int = 256
+    ) -> None:
+        self.sink = sink  # None: a buffer that only feeds taps (a model without drift)
         self.inputs = np.empty((limit, n_features), dtype=_F32)
         self.outputs = np.empty((limit, n_classes), dtype=_F32)
         self.fill = 0
         self.limit = limit
-        self._sink_add: Callable[[np.ndarray, np.ndarray], None] = getattr(
-            sink, "add_trusted", sink.add
+        self.taps: tuple[BatchTap, ...] = ()  # get each block after the sink
+        self._sink_add: Callable[[np.ndarray, np.ndarray], None] | None = (
+            None if sink is None else getattr(sink, "add_trusted", sink.add)
         )
 
     @property
     def rows(self) -> int:
         """Rows in the current window: the accumulator's and the ones still buffered here."""
+        if self.sink is None:
+            return 0
         return self.sink.rows + self.fill
 
     def add(self, inputs: np.ndarray, outputs: np.ndarray, owned: bool = False) -> None:
@@ -138,10 +156,17 @@ class DriftBuffer:
         self._hand_over(self.inputs[:fill], self.outputs[:fill])
 
     def _hand_over(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
-        try:
-            self._sink_add(inputs, outputs.argmax(1))
-        except Exception:  # drift is a report about serving, never a reason to fail serving
-            log.exception("the drift accumulator refused %d rows; not counted", len(inputs))
+        predicted = outputs.argmax(1)
+        if self._sink_add is not None:
+            try:
+                self._sink_add(inputs, predicted)
+            except Exception:  # drift is a report about serving, never a reason to fail serving
+                log.exception("the drift accumulator refused %d rows; not counted", len(inputs))
+        for tap in self.taps:
+            try:
+                tap.add(inputs, predicted)
+            except Exception:  # same: a tap observes serving, it never fails it
+                log.exception("a batch tap refused %d rows; not passed on", len(inputs))
 
 
 class ModelState:
@@ -361,6 +386,37 @@ class InferenceService:
         old = self.swap(None)
         if old is not None:
             self.retire(old, timeout)
+
+    def add_tap(self, model: LoadedModel, tap: BatchTap) -> None:
+        """From now on also hand ``model``'s served rows to ``tap``, in the drift buffer's
+        blocks (a buffer is added for a model without drift accumulation). Rows already
+        buffered go to the accumulator alone: they were served before the tap."""
+        st = model.state
+        with st.lock:
+            if st.drift is None:
+                st.drift = DriftBuffer(None, model.n_features, len(model.release.class_names))
+            else:
+                st.drift.flush()
+            st.drift.taps = (*st.drift.taps, tap)
+
+    def flush_taps(self, model: LoadedModel) -> None:
+        """Hand ``model``'s buffered rows on now (to its accumulator and taps)."""
+        st = model.state
+        with st.lock:
+            if st.drift is not None:
+                st.drift.flush()
+
+    def remove_tap(self, model: LoadedModel, tap: BatchTap) -> None:
+        """Stop handing ``model``'s rows to ``tap`` (a tap-only buffer goes again)."""
+        st = model.state
+        with st.lock:
+            buffer = st.drift
+            if buffer is None:
+                return
+            buffer.flush()
+            buffer.taps = tuple(t for t in buffer.taps if t is not tap)
+            if buffer.sink is None and not buffer.taps:
+                st.drift = None
 
     def drift_rows(self, model: LoadedModel | None = None) -> int:
         """Rows in the current drift window of ``model`` (default: the active one; 0 without)."""

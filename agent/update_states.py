@@ -12,12 +12,16 @@ agent cannot trap the device in a boot loop.
 
     idle -> downloading -> verifying -> installing -> health_check -> activating -> trial
          -> committed
+    health_check -> shadow -> activating  (only when the release's signed shadow_samples > 0)
     health_check | activating | trial -> rolling_back -> rolled_back
-    idle | downloading | verifying | installing | health_check | rolling_back -> failed
+    idle | downloading | verifying | installing | health_check | shadow | rolling_back -> failed
 
 ``failed`` is not reachable from ``activating`` or ``trial``: once the new model may be live, the
 only way out of trouble is back to the previous slot (``rolling_back``); ``rolling_back -> failed``
 means the previous model could not be restored either (reported, the device needs a technician).
+``shadow -> failed`` is right for the opposite reason: in shadow the candidate only runs beside
+the active model on copies of live inputs, it never answers a request and the slot pointer was
+never switched, so refusing it leaves nothing to undo.
 
 Pure: no I/O, no clocks (times are passed in), no runtimes. The engine does the work; the error
 classes here let it tell a retry (transient) from a refusal (fatal).
@@ -42,6 +46,7 @@ class UpdateState(StrEnum):
     VERIFYING = "verifying"
     INSTALLING = "installing"
     HEALTH_CHECK = "health_check"
+    SHADOW = "shadow"  # the candidate runs beside the active model on live inputs, not serving
     ACTIVATING = "activating"
     TRIAL = "trial"
     COMMITTED = "committed"
@@ -56,6 +61,8 @@ class UpdateEvent(StrEnum):
     VERIFIED = "verified"  # the files on disk match the signed lengths and hashes
     INSTALLED = "installed"  # the inactive slot holds the release, fsynced
     HEALTHY = "healthy"  # golden set and latency budget passed in the runtime
+    HEALTHY_SHADOW = "healthy_shadow"  # healthy, and the release asks for a shadow run first
+    SHADOWED = "shadowed"  # the candidate agreed with the active model on enough live inputs
     ACTIVATED = "activated"  # the pointer names the new slot and the service serves it
     TRIAL_PASSED = "trial_passed"
     ROLL_BACK = "roll_back"  # the new model must go: back to the previous slot
@@ -77,6 +84,9 @@ TRANSITIONS: Mapping[tuple[UpdateState, UpdateEvent], UpdateState] = {
     (S.HEALTH_CHECK, E.HEALTHY): S.ACTIVATING,
     (S.HEALTH_CHECK, E.FAIL): S.FAILED,
     (S.HEALTH_CHECK, E.ROLL_BACK): S.ROLLING_BACK,
+    (S.HEALTH_CHECK, E.HEALTHY_SHADOW): S.SHADOW,
+    (S.SHADOW, E.SHADOWED): S.ACTIVATING,
+    (S.SHADOW, E.FAIL): S.FAILED,  # nothing went live: refusing is enough (module docstring)
     (S.ACTIVATING, E.ACTIVATED): S.TRIAL,
     (S.ACTIVATING, E.ROLL_BACK): S.ROLLING_BACK,
     (S.TRIAL, E.TRIAL_PASSED): S.COMMITTED,
@@ -306,6 +316,11 @@ def recover(record: UpdateRecord | None, max_attempts: int = MAX_ATTEMPTS) -> Re
     if state is S.HEALTH_CHECK:
         # Redo the check: it only reads the inactive slot; the active one was never touched.
         return RecoveryAction(RecoveryKind.RESUME, S.HEALTH_CHECK)
+    if state is S.SHADOW:
+        # Redo the shadow from zero: its samples and counts died with the process, the
+        # candidate never served and the active slot was never touched; the engine loads the
+        # candidate from the installed slot again.
+        return RecoveryAction(RecoveryKind.RESUME, S.SHADOW)
     if state is S.ACTIVATING:
         # The pointer names the old slot or the new one (its switch is atomic). Activating again
         # is idempotent: the engine loads the new slot's model (failing that -> roll back to the

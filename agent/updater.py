@@ -16,6 +16,14 @@ the update walks the table of :mod:`agent.update_states`, each state saved in SQ
   restart needs no network), the golden set and reference profile parsed;
 * installing: into the inactive slot (:class:`agent.slots.Slots`, fsynced);
 * health_check: golden replay and latency budget in the runtime (:mod:`agent.health_check`);
+  when the release's signed ``shadow_samples`` is above 0 the candidate's runtime stays loaded
+  and the update goes to shadow, else straight to activating;
+* shadow (optional): the active model keeps serving alone; a :class:`agent.shadow.ShadowTap` on
+  it copies served rows into a bounded buffer, and this thread runs the candidate (and a private
+  copy of the active model, for the latency figure) on the same rows until ``shadow_samples``
+  are judged: agreement (argmax equality) below ``min_shadow_agreement`` fails the update, as
+  does a shadow that sees too little traffic within ``shadow_max_seconds`` (fail closed); the
+  figures go into the report of the transition out of shadow;
 * activating: load the new model, switch the slot pointer atomically, swap the inference service
   (no request fails); the previous model stays loaded as the trial's yardstick and rollback;
 * trial: sample the new model's counters, latency and predicted classes (against the previous
@@ -58,6 +66,7 @@ from agent.health import UpdateFigures
 from agent.health_check import run_health_check
 from agent.inference import DriftFactory, DriftSink, InferenceService, LoadedModel, load_model
 from agent.runtimes import Runtime, load_runtime
+from agent.shadow import ShadowStats, ShadowTap, ShadowThresholds, evaluate_shadow, median
 from agent.slots import InstalledRelease, Release, SlotError, Slots
 from agent.trial import Continue, Fail, TrialStats, TrialThresholds, evaluate_trial
 from agent.tuf_client import ReleaseClient, ReleaseError
@@ -123,6 +132,10 @@ class UpdaterConfig:
     trial_max_seconds: float = 24 * 3600.0
     max_output_js: float = 0.3
     trial_sample_rows: int = 512  # live rows kept to compare new and previous predictions
+    shadow_sample_seconds: float = 0.2  # how often the shadow drains its tap
+    shadow_max_seconds: float = 3600.0  # too few live rows by then: the shadow fails closed
+    shadow_buffer_rows: int = 1024  # live rows the shadow tap holds between drains
+    shadow_timed_rows: int = 64  # per drain, rows both models are timed on one at a time
     max_attempts: int = MAX_ATTEMPTS
     pause: PauseHook | None = None
 
@@ -218,6 +231,8 @@ class Updater:
         self._thread: threading.Thread | None = None
         self._previous: LoadedModel | None = None  # swapped out at activation, kept for trial
         self._refused: set[str] = set()  # sha256 of documents refused in this process
+        self._candidate: tuple[str, Runtime] | None = None  # health_check -> shadow: slot, runtime
+        self._note = ""  # what the current step wants said in its transition's report
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -330,9 +345,11 @@ class Updater:
         self._send(before.state, after, note)
         self._pause(after.state)
 
-    def _move(self, record: UpdateRecord, event: UpdateEvent, reason: str = "") -> UpdateRecord:
+    def _move(
+        self, record: UpdateRecord, event: UpdateEvent, reason: str = "", note: str = ""
+    ) -> UpdateRecord:
         after = record.moved(event, self._clock(), reason)
-        self._save(record, after)
+        self._save(record, after, note)
         log.info(
             "update %d %s v%d: %s -> %s%s",
             after.update_id,
@@ -532,6 +549,7 @@ class Updater:
             S.VERIFYING: self._verify,
             S.INSTALLING: self._install,
             S.HEALTH_CHECK: self._health_check,
+            S.SHADOW: self._shadow,
             S.ACTIVATING: self._activate,
             S.TRIAL: self._trial,
             S.ROLLING_BACK: self._roll_back,
@@ -539,6 +557,7 @@ class Updater:
         failures = 0
         while record.state not in TERMINAL and not self._stop.is_set():
             state = record.state
+            self._note = ""
             try:
                 event, record = steps[state](record)
                 reason = ""
@@ -560,7 +579,7 @@ class Updater:
                 log.exception("unexpected error in %s", state)
                 event, reason = self._exit_event(state), f"internal error in {state.value}: {exc}"
             failures = 0
-            record = self._move(record, event, reason)
+            record = self._move(record, event, reason, "" if reason else self._note)
         if record.state in TERMINAL:
             self._finish(record)
 
@@ -569,6 +588,7 @@ class Updater:
         return E.ROLL_BACK if state in (S.ACTIVATING, S.TRIAL) else E.FAIL
 
     def _finish(self, record: UpdateRecord) -> None:
+        self._drop_candidate()
         previous, self._previous = self._previous, None
         if previous is not None and previous is not self.service.current():
             self.service.retire(previous)
@@ -655,9 +675,27 @@ class Updater:
         self.slots.install(release, files)
         return E.INSTALLED, record
 
+    def _drop_candidate(self) -> None:
+        candidate, self._candidate = self._candidate, None
+        if candidate is not None:
+            candidate[1].close()
+
     def _health_check(self, record: UpdateRecord) -> tuple[UpdateEvent, UpdateRecord]:
         installed = self._target_slot(record)
-        verdict = run_health_check(installed, self.config.threads, self.profile.latency_budget_ms)
+        shadow = self._custom(record).health.shadow_samples > 0
+        self._drop_candidate()
+        runtime = load_runtime(
+            installed.artifact_path, installed.release.runtime, self.config.threads
+        )
+        try:
+            verdict = run_health_check(
+                installed, self.config.threads, self.profile.latency_budget_ms, runtime
+            )
+        except BaseException:
+            runtime.close()
+            raise
+        if not verdict.passed or not shadow:
+            runtime.close()
         if not verdict.passed:
             raise FatalUpdateError("health_check", verdict.reason)
         log.info(
@@ -667,7 +705,93 @@ class Updater:
             verdict.golden.max_abs_error,
             verdict.p95_ms or 0.0,
         )
+        if shadow:
+            self._candidate = (installed.slot, runtime)  # the shadow runs it; loaded once
+            return E.HEALTHY_SHADOW, record
         return E.HEALTHY, record
+
+    def _shadow(self, record: UpdateRecord) -> tuple[UpdateEvent, UpdateRecord]:
+        h = self._custom(record).health
+        installed = self._target_slot(record)
+        candidate, self._candidate = self._candidate, None
+        if candidate is not None and candidate[0] == installed.slot:
+            runtime = candidate[1]
+        else:  # after a restart: load it again from the installed slot
+            if candidate is not None:
+                candidate[1].close()
+            runtime = load_runtime(
+                installed.artifact_path, installed.release.runtime, self.config.threads
+            )
+        try:
+            active = self.service.current()
+            if active is None or active.installed.slot != record.from_slot:
+                # nothing serves (a first model, or the active one did not load): there is no
+                # model to agree with and no live traffic to run on
+                self._note = "shadow skipped: no active model serves on this device to compare with"
+                log.warning("%s v%d: %s", record.model, record.version, self._note)
+                return E.SHADOWED, record
+            thresholds = ShadowThresholds(
+                h.shadow_samples, h.min_shadow_agreement, self.config.shadow_max_seconds
+            )
+            figures = self._run_shadow(runtime, active, thresholds)
+        finally:
+            runtime.close()
+        self._note = f"shadow passed: {figures}"
+        log.info("%s v%d %s", record.model, record.version, self._note)
+        return E.SHADOWED, record
+
+    def _run_shadow(
+        self, candidate: Runtime, active: LoadedModel, thresholds: ShadowThresholds
+    ) -> str:
+        """Run ``candidate`` beside ``active`` on its live rows until decided; the figures
+        (:func:`agent.shadow.describe`) when it passes, :class:`FatalUpdateError` if not."""
+        c = self.config
+        # a private copy of the active model: the serving one must not be called from here
+        # (LiteRT interpreters are not thread-safe), and it times both models on equal terms
+        mirror = load_runtime(active.installed.artifact_path, active.release.runtime, c.threads)
+        tap = ShadowTap(active.n_features, c.shadow_buffer_rows)
+        self.service.add_tap(active, tap)
+        rows = agreed = 0
+        candidate_s: list[float] = []
+        active_s: list[float] = []
+        started = time.monotonic()
+        try:
+            while True:
+                tap.want(thresholds.samples - rows)
+                self.service.flush_taps(active)
+                drained = tap.drain()
+                if drained is not None:
+                    x, served = drained
+                    x, served = x[: thresholds.samples - rows], served[: thresholds.samples - rows]
+                    agreed += int((candidate.predict(x).argmax(axis=1) == served).sum())
+                    rows += len(x)
+                    for i in range(min(len(x), c.shadow_timed_rows)):
+                        row = x[i : i + 1]
+                        t0 = time.perf_counter()
+                        candidate.predict(row)
+                        t1 = time.perf_counter()
+                        mirror.predict(row)
+                        active_s.append(time.perf_counter() - t1)
+                        candidate_s.append(t1 - t0)
+                cand, act = median(candidate_s), median(active_s)
+                stats = ShadowStats(
+                    rows,
+                    agreed,
+                    None if cand is None else cand * 1000.0,
+                    None if act is None else act * 1000.0,
+                )
+                decision = evaluate_shadow(stats, thresholds, time.monotonic() - started)
+                if isinstance(decision, Fail):
+                    raise FatalUpdateError("shadow", decision.reason)
+                if not isinstance(decision, Continue):
+                    return decision.note
+                if self._stop.wait(c.shadow_sample_seconds):
+                    raise _Stopped
+        finally:
+            self.service.remove_tap(active, tap)
+            mirror.close()
+            if tap.dropped:
+                log.debug("shadow: %d live rows did not fit the tap", tap.dropped)
 
     def _target_slot(self, record: UpdateRecord) -> InstalledRelease:
         if record.to_slot is None:

@@ -32,6 +32,7 @@ UPDATE_STATES = (
     "verifying",
     "installing",
     "health_check",
+    "shadow",  # optional: the candidate runs beside the active model before activating
     "activating",
     "trial",
     "committed",

@@ -39,6 +39,9 @@ EXPECTED = {
     (S.VERIFYING, E.VERIFIED): S.INSTALLING,
     (S.INSTALLING, E.INSTALLED): S.HEALTH_CHECK,
     (S.HEALTH_CHECK, E.HEALTHY): S.ACTIVATING,
+    (S.HEALTH_CHECK, E.HEALTHY_SHADOW): S.SHADOW,  # the release asks for a shadow run
+    (S.SHADOW, E.SHADOWED): S.ACTIVATING,
+    (S.SHADOW, E.FAIL): S.FAILED,  # the candidate never served: refusing it is enough
     (S.ACTIVATING, E.ACTIVATED): S.TRIAL,
     (S.TRIAL, E.TRIAL_PASSED): S.COMMITTED,
     (S.HEALTH_CHECK, E.ROLL_BACK): S.ROLLING_BACK,
@@ -85,6 +88,14 @@ def test_finished_states_have_no_way_out_and_live_states_cannot_fail() -> None:
     for s in (S.ACTIVATING, S.TRIAL):
         with pytest.raises(IllegalTransition):
             next_state(s, E.FAIL)
+
+
+def test_shadow_is_not_live_and_cannot_roll_back() -> None:
+    assert S.SHADOW not in LIVE and S.SHADOW not in TERMINAL
+    with pytest.raises(IllegalTransition, match="from shadow only fail, shadowed"):
+        next_state(S.SHADOW, E.ROLL_BACK)
+    # the shadow only ever comes after a passed health check
+    assert [f for (f, _), to in TRANSITIONS.items() if to is S.SHADOW] == [S.HEALTH_CHECK]
 
 
 def test_every_state_reaches_a_final_state() -> None:
@@ -149,6 +160,7 @@ def test_unreadable_record_says_what_to_do() -> None:
         (S.VERIFYING, RecoveryKind.RESUME, S.VERIFYING),
         (S.INSTALLING, RecoveryKind.RESUME, S.VERIFYING),
         (S.HEALTH_CHECK, RecoveryKind.RESUME, S.HEALTH_CHECK),
+        (S.SHADOW, RecoveryKind.RESUME, S.SHADOW),  # redo the shadow from zero
         (S.ACTIVATING, RecoveryKind.RESUME, S.ACTIVATING),
         (S.TRIAL, RecoveryKind.RESUME, S.TRIAL),
         (S.ROLLING_BACK, RecoveryKind.RESUME, S.ROLLING_BACK),

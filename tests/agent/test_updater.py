@@ -9,7 +9,9 @@ the inference service with real runtimes under live traffic, the SQLite update s
 Releases: v1 (installed at the factory), v2 (the good update), v3 (v2's model with v1's golden
 set: fails health_check), v4 (a model that predicts almost only class 0 with a golden set that
 matches it: passes health_check, fails trial on output drift), v5 (an artifact for another
-profile), v6 (a target whose signed metadata names another release: mix-and-match).
+profile), v6 (a target whose signed metadata names another release: mix-and-match), v10 (v2 with
+a shadow step of 50 live rows: passes it), v11 (v4's one-class model with the same shadow step:
+refused there, before it serves anything).
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ HAPPY = [
 TRIAL = HealthThresholds(
     trial_seconds=0.5, trial_min_requests=5, max_error_rate=0.01, max_latency_ratio=100.0
 )
+SHADOW = {"shadow_samples": 50, "min_shadow_agreement": 0.9}
+SHADOW_HAPPY = [
+    *HAPPY[:4],
+    ("health_check", "shadow"),
+    ("shadow", "activating"),
+    *HAPPY[5:],
+]
 _serials = itertools.count(100)
 
 
@@ -184,6 +193,7 @@ def _publish(
     profiles: tuple[str, ...] | None = None,
     custom_version: int | None = None,
     now: datetime | None = None,
+    health: dict[str, float] | None = None,
 ) -> None:
     files = dict(files, **(replace_files or {}))
     lengths = {name: (hashlib.sha256(d).hexdigest(), len(d)) for name, d in files.items()}
@@ -199,6 +209,7 @@ def _publish(
             trial_seconds=TRIAL.trial_seconds,
             trial_min_requests=TRIAL.trial_min_requests,
             max_latency_ratio=TRIAL.max_latency_ratio,
+            **(health or {}),
         ),
         artifacts=artifacts,
     )
@@ -242,6 +253,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     golden = GoldenSet(old_golden.inputs, runtime.predict(old_golden.inputs), 1e-4, 1.0)
     runtime.close()
     _publish(repo, meta2, files2, 4, replace_files={fp32.file: bad, fp32.golden: golden.to_json()})
+    _publish(repo, meta2, files2, 10, health=SHADOW)
+    one_class = {fp32.file: bad, fp32.golden: golden.to_json()}
+    _publish(repo, meta2, files2, 11, replace_files=one_class, health=SHADOW)
     _publish(repo, meta2, files2, 5, profiles=("rpi3-armv7l",))
     _publish(repo, meta2, files2, 6, custom_version=7)  # path says v6, signed metadata v7
     server = RepoServer(repo)
@@ -451,6 +465,83 @@ def test_trial_failure_is_rolled_back_by_the_device(device: Device, fleet: Fleet
     assert -1 not in device.served and 4 in device.served
 
 
+def test_shadow_step_passes_a_good_model_and_reports_its_figures(
+    device: Device, fleet: Fleet
+) -> None:
+    state, reason = device.run(desired(fleet, 10))
+    assert (state, reason) == (S.COMMITTED, "")
+    assert device.transitions() == SHADOW_HAPPY
+    out = next(b for b in device.reports if b.from_state == "shadow")
+    assert out.reason is not None and out.reason.startswith("shadow passed: agreement ")
+    match = re.search(r"agreement ([0-9.]+) \((\d+) of (\d+) live rows\)", out.reason)
+    assert match is not None, out.reason
+    assert float(match[1]) >= 0.9 and match[3] == "50"
+    assert re.search(r"candidate [0-9.]+ ms vs active [0-9.]+ ms", out.reason), out.reason
+    assert out.elapsed_s["shadow"] > 0
+    assert device.active_version() == 10 and device.serving_version() == 10
+    assert -1 not in device.served
+    # the tap is gone from the old model and the new one serves without one
+    assert device.service.current() is not None
+
+
+def test_one_class_model_is_refused_at_shadow(device: Device, fleet: Fleet) -> None:
+    before = device.service.current()
+    state, reason = device.run(desired(fleet, 11, "model.fp32.onnx"))
+    assert state is S.FAILED
+    assert reason.startswith("shadow: agreement with the active model "), reason
+    assert "below the release's min_shadow_agreement 0.9" in reason
+    assert device.transitions()[-2:] == [("health_check", "shadow"), ("shadow", "failed")]
+    # the candidate never served and the active slot was never touched
+    assert device.active_version() == 1 and device.serving_version() == 1
+    assert device.service.current() is before
+    assert before is not None and before.state.drift is not None and not before.state.drift.taps
+    assert -1 not in device.served and 11 not in device.served
+
+
+def test_shadow_without_traffic_fails_closed(device: Device, fleet: Fleet) -> None:
+    device.stop_traffic.set()
+    device.traffic.join()
+    device.updater.config = dataclasses.replace(device.updater.config, shadow_max_seconds=0.5)
+    state, reason = device.run(desired(fleet, 10))
+    assert state is S.FAILED
+    assert reason.startswith("shadow: only 0 of 50 live rows"), reason
+    assert "fail closed" in reason
+    assert device.active_version() == 1 and device.serving_version() == 1
+
+
+def test_restart_inside_shadow_redoes_it(tmp_path: Path, fleet: Fleet) -> None:
+    d = make_device(tmp_path, fleet, start=False)
+    try:
+        marker = tmp_path / "paused"
+        first = build_updater(
+            tmp_path, fleet, d.slots, d.service, d.store, d.reports, PauseHook("shadow", marker)
+        )
+        first.start()
+        first.submit(desired(fleet, 11, "model.fp32.onnx"))
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first.stop()  # the power cut, as the engine sees it: the saved state is shadow
+        saved = d.store.load()
+        assert saved is not None and saved.state is S.SHADOW
+        assert d.active_version() == 1 and d.serving_version() == 1
+        d.reports.clear()
+        again = build_updater(tmp_path, fleet, d.slots, d.service, d.store, d.reports)
+        again.start()
+        record = again.wait_settled(30)
+        again.stop()
+        assert record is not None and record.state is S.FAILED and record.attempt == 2
+        assert record.reason.startswith("shadow: agreement with the active model")
+        assert d.transitions() == [("shadow", "failed")]  # resumed in shadow, judged again
+        assert d.active_version() == 1 and d.serving_version() == 1
+        assert -1 not in d.served
+    finally:
+        d.stop_traffic.set()
+        d.service.close()
+        d.store.close()
+
+
 def test_signed_rollback_is_accepted_plain_downgrade_is_not(tmp_path: Path, fleet: Fleet) -> None:
     d = make_device(tmp_path, fleet, version=2)
     try:
@@ -627,6 +718,8 @@ AGENT = Path(__file__).with_name("update_agent.py")
         ("verifying", 2, "model.int8.onnx", "committed", 2),
         ("installing", 2, "model.int8.onnx", "committed", 2),
         ("health_check", 2, "model.int8.onnx", "committed", 2),
+        ("shadow", 10, "model.int8.onnx", "committed", 10),
+        ("shadow", 11, "model.fp32.onnx", "failed", 1),
         ("activating", 2, "model.int8.onnx", "committed", 2),
         ("trial", 2, "model.int8.onnx", "committed", 2),
         ("trial", 4, "model.fp32.onnx", "rolled_back", 1),
