@@ -28,15 +28,15 @@ from sqlite_utils import Database
 
 from fleet.gates import DeviceProgress, DriftInput, LatencyInput, Outcome
 from fleet.store import from_iso
+from protocol.bodies import UPDATE_STATES
 from protocol.drift import WindowCounts, merge
 from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
 MAX_DRIFT_WINDOWS = 50_000
-UPDATING_STATES = frozenset(
-    {"idle", "downloading", "verifying", "installing", "health_check", "activating", "trial"}
-)
+# a device reporting one of these is still on its way to the new release (shadow included)
+UPDATING_STATES = frozenset(UPDATE_STATES) - {"committed", "rolling_back", "rolled_back", "failed"}
 IN_ROLLOUT = "device_id IN (SELECT device_id FROM rollout_devices WHERE rollout_id = ?)"
 
 
