@@ -2,6 +2,7 @@
 
 After a power cut a file written here holds either its old content or its new content, never a
 mix or nothing. This module does only that; what is written and where is the callers' business.
+The agent, the fleet manager (keys, TUF metadata, artifacts) and the model build all use it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically; the file gets ``mode`` from its first byte."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crash of an earlier process with our pid
+    # O_EXCL + mode at creation: a secret is never readable by others, not even briefly
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed or widened the mode

@@ -47,6 +47,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent.atomic import fsync_dir
 from agent.errors import AgentError
 
 logger = logging.getLogger(__name__)
@@ -302,14 +303,6 @@ class DeviceFetcher(FetcherInterface):
 # --- the release client ------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
     """Map ngclient's and the fetcher's exceptions onto :class:`ReleaseError`s."""
@@ -424,6 +417,6 @@ class ReleaseClient:
             part.unlink(missing_ok=True)  # never resume from data that failed verification
             raise
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         logger.info("downloaded and verified %s (%d bytes)", path, info.length)
         return dest

@@ -15,7 +15,6 @@ and refuses keys that other users could read. It does not know what the keys sig
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from pathlib import Path
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
 
+from agent.atomic import write_atomic
 from fleet.errors import (
     SigningKeyError,
     SigningKeyExistsError,
@@ -54,14 +54,6 @@ def generate_key() -> CryptoSigner:
     return CryptoSigner.generate_ed25519()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_key(path: Path, signer: CryptoSigner, *, overwrite: bool = False) -> None:
     """Write ``signer``'s private key to ``path`` (mode 0600) atomically.
 
@@ -74,24 +66,7 @@ def write_key(path: Path, signer: CryptoSigner, *, overwrite: bool = False) -> N
             "replace it, which invalidates everything it signed)"
         )
     path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # O_EXCL + mode at creation: the secret is never readable by others, not even briefly.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_MODE)
-    try:
-        try:
-            os.fchmod(fd, KEY_MODE)
-            view = memoryview(signer.private_bytes)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, signer.private_bytes, KEY_MODE)
 
 
 def load_key(path: Path, role: str | None = None) -> CryptoSigner:

@@ -19,11 +19,9 @@ This module neither unpacks nor validates uploads (:mod:`fleet.bundle_upload`) n
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +30,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from agent.atomic import write_atomic
 from fleet.audit import Actor, AuditLog
 from fleet.bundle_upload import UploadLimits, unpack, validate
 from fleet.errors import (
@@ -130,22 +129,7 @@ class ArtifactStore:
         if dest.is_file() and dest.stat().st_size == len(data):
             return digest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{digest}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(dest, data)
         return digest
 
 

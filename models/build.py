@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.atomic import fsync_dir
 from models import golden_rows, mlp, onnx_export, pdm_data, quantize, runners, tflite_export
 from protocol.bundle import (
     METADATA_FILE,
@@ -294,21 +295,13 @@ def write_bundle(root: Path, version: int, files: dict[str, bytes]) -> Path:
     for d in sorted(
         {(tmp / rel).parent for rel in files}, key=lambda p: len(p.parts), reverse=True
     ):
-        _fsync_dir(d)
+        fsync_dir(d)
     if target.exists():
         os.rename(target, old)
     os.rename(tmp, target)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
