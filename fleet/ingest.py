@@ -83,9 +83,6 @@ class IngestConfig:
     @classmethod
     def from_settings(cls, settings: FleetSettings) -> IngestConfig:
         m, i = settings.mqtt, settings.ingest
-        tls = None
-        if m.tls:
-            tls = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
         return cls(
             host=m.host,
             port=m.port,
@@ -93,8 +90,8 @@ class IngestConfig:
             group=m.shared_group,
             shared=i.shared,
             username=m.username,
-            password=m.password.get_secret_value() if m.password else None,
-            tls_context=tls,
+            password=m.password_value(),
+            tls_context=m.tls_context(),
             keepalive=m.keepalive_seconds,
             batch_max=i.batch_max,
             batch_wait_s=i.batch_wait_ms / 1000,

@@ -64,17 +64,14 @@ class PublisherConfig:
     @classmethod
     def from_settings(cls, settings: FleetSettings) -> PublisherConfig:
         m, d = settings.mqtt, settings.desired
-        tls = None
-        if m.tls:
-            tls = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
         return cls(
             host=m.host,
             port=m.port,
             client_id=f"{m.client_id}{CLIENT_SUFFIX}",
             protocol=d.mqtt_protocol,
             username=m.username,
-            password=m.password.get_secret_value() if m.password else None,
-            tls_context=tls,
+            password=m.password_value(),
+            tls_context=m.tls_context(),
             keepalive=m.keepalive_seconds,
             timeout_s=d.publish_timeout.total_seconds(),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -82,6 +83,15 @@ class MqttSettings(_Group):
     client_id: str = "edgefleet-fleet"
     shared_group: str = Field(default="fleet", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     keepalive_seconds: int = Field(default=30, ge=5)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the broker connection (``ca_file`` or the system CAs), or None."""
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+
+    def password_value(self) -> str | None:
+        return self.password.get_secret_value() if self.password else None
 
 
 class LimitsSettings(_Group):
