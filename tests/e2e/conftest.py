@@ -6,6 +6,8 @@ uploaded through ``POST /v1/models``, and devices that are real ``edge-agent`` p
 provisioned with ``edge-agent provision`` against the fleet, v1 installed "at the factory",
 then ``edge-agent run`` in a temp state directory. Tests drive the fleet over HTTP and watch the
 device through its predict API, its state directory and the fleet's update history.
+``Stack.stop_fleet()`` / ``Stack.start_fleet()`` stop the whole fleet side and start a new
+app on the same data dir and port (a fleet manager restart; broker and agents run on).
 
 Test modules cannot import this file (pytest's importlib mode): everything a test uses comes
 through the ``stack`` / ``fresh_stack`` fixtures and the objects they return.
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +37,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from fastapi import FastAPI
 from onnx import helper, numpy_helper
 
 from agent.bundle_install import install_bundle
@@ -213,6 +217,35 @@ class Stack:
     operator: dict[str, str]
     root_key: Path
     tmp: Path
+    server: BackgroundServer | None = None
+    app: FastAPI | None = None
+
+    def start_fleet(self) -> None:
+        """Start the fleet app (a new one: what a restarted fleet manager is) on the stack's data
+        dir and port, so the agents' fleet URL and the ingestion's persistent MQTT session (same
+        client id) carry over."""
+        assert self.server is None, "the fleet is already running"
+        self.app = create_app(self.settings)
+        self.server = BackgroundServer(self.app, port=self.settings.port)
+        self.server.start()
+
+    def stop_fleet(self) -> None:
+        """Stop the whole fleet side: uvicorn shut down, its lifespan run to the end (scheduler,
+        MQTT ingestion and desired-state publisher stopped). The data dir stays. Checks that it
+        really stopped: nothing listens on the port, the ingestion thread is gone, the
+        scheduler is shut down."""
+        if self.server is None:
+            return
+        self.server.stop(timeout=30)
+        self.server = None
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            assert probe.connect_ex(("127.0.0.1", self.settings.port)) != 0, "still listening"
+        ingest = f"ingest-{self.settings.mqtt.client_id}"
+        alive = [t.name for t in threading.enumerate() if t.name.startswith(ingest)]
+        assert not alive, f"the fleet's MQTT ingestion still runs: {alive}"
+        scheduler = getattr(self.app.state, "scheduler", None) if self.app else None
+        assert scheduler is None or not scheduler.running, "the fleet's scheduler still runs"
 
     def upload(self, bundle: Path) -> None:
         r = self.http.post(
@@ -315,11 +348,12 @@ def start_stack(tmp: Path, stack: ExitStack) -> Stack:
     root_key = settings.keys_dir / "root.pem"
     assert root_key.exists(), sorted(settings.keys_dir.iterdir())
     admin, operator = _mint(settings, Role.ADMIN), _mint(settings, Role.OPERATOR)
-    server = BackgroundServer(create_app(settings), port=port)
-    server.start()
-    stack.callback(server.stop)
-    http = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
-    return Stack(broker, settings, server.url, http, admin, operator, root_key, tmp)
+    url = f"http://127.0.0.1:{port}"
+    http = stack.enter_context(httpx.Client(base_url=url, timeout=30))
+    s = Stack(broker, settings, url, http, admin, operator, root_key, tmp)
+    s.start_fleet()
+    stack.callback(s.stop_fleet)
+    return s
 
 
 def upload_releases(stack: Stack, tmp: Path) -> dict[str, int]:
