@@ -11,6 +11,13 @@ What it does, after Home Assistant's MQTT client:
   envelopes take their sequence numbers from a block reserved in the outbox for that connection
   (birth first, will last: see :mod:`protocol.messages`), prepared ahead so that paho's network
   thread never waits for SQLite;
+* refreshes the retained state on request (:meth:`MqttLink.refresh_state`) with the block's next
+  seq; when the block is used up it reconnects on purpose: it publishes nothing new until what
+  is in flight is acknowledged (at most ``DRAIN_S``), disconnects cleanly (reason 0, so the
+  broker drops that connection's will and the last online state stays retained), and at once
+  opens a new connection with a new block and a new will, whose birth carries the current state
+  (the pending refresh folded in) with a seq above every earlier state. No outage is logged for
+  it, and unacknowledged reports are re-sent as after any reconnect;
 * keeps a subscription registry and re-subscribes on every connect;
 * flushes the outbox: publishes rows in ``seq`` order with QoS 1 and at most ``inflight_window``
   unacknowledged, and deletes a row only when its PUBACK arrives. After every (re)connect it
@@ -25,6 +32,7 @@ It does not decide what to report (:mod:`agent.reporter`) nor verify desired doc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -48,8 +56,11 @@ from protocol.topics import TopicKind, state_topic, validate_device_id
 log = logging.getLogger(__name__)
 
 # sequence numbers reserved per connection: the birth and up to STATE_BLOCK - 2 state refreshes
-# (e.g. after a model update) take the lower ones, the Last Will the highest
+# (e.g. after a model update) take the lower ones, the Last Will the highest; one more refresh
+# makes the link reconnect on purpose to get a new block
 STATE_BLOCK = 8
+# how long a planned reconnect waits for the acks of what is in flight before it disconnects
+DRAIN_S = 2.0
 Handler = Callable[[str, bytes], None]
 
 
@@ -207,6 +218,7 @@ class MqttLink:
         self._last_error: str | None = None
         self._outage_logged = False
         self._closing = False
+        self._planned_disconnect = False  # the worker ended the connection to reconnect at once
         self._wake_pending = False
         self._inflight_count = 0
         self._published_total = 0
@@ -264,8 +276,10 @@ class MqttLink:
     def refresh_state(self) -> None:
         """Publish the retained state again (e.g. after the active model changed).
 
-        Up to ``STATE_BLOCK - 2`` refreshes per connection keep a seq below the will's; more are
-        skipped with a warning until the next connect (the heartbeat carries the model anyway).
+        Up to ``STATE_BLOCK - 2`` refreshes per connection take the seqs between the birth's and
+        the will's; the next one makes the link reconnect cleanly (see the module docstring), and
+        the new connection's birth publishes the state then current. Several refreshes asked for
+        while a reconnect is under way end up in that one birth.
         """
         self._events.put(_RefreshState())
 
@@ -367,9 +381,10 @@ class MqttLink:
         with self._lock:
             was_connected, self._connected = self._connected, False
             closing = self._closing
+            planned, self._planned_disconnect = self._planned_disconnect, False
         if was_connected:
             self._events.put(_Disconnected())
-        if was_connected and not closing:
+        if was_connected and not closing and not planned:
             self._outage(f"lost the connection to the MQTT broker ({reason})")
 
     def _outage(self, error: str) -> None:
@@ -445,6 +460,12 @@ class _Flusher:
         self.state_seq = 0  # last state seq used from the block
         self.inflight: dict[int, int] = {}  # mid -> seq
         self.cursor = 0  # highest seq published on this connection
+        self.state_mids: set[int] = set()  # state publishes not yet acknowledged
+        # the block is used up: until this monotonic deadline publish nothing new and wait for
+        # the acks of what is in flight, then disconnect cleanly (see _drain_for_a_new_block)
+        self.drain_until: float | None = None
+        # disconnected cleanly: reconnect once paho's loop has ended (set until the next connect)
+        self.reconnecting = False
         self.stop_deadline: float | None = None
         self.offline_mid: int | None = None
         self.offline_acked = False
@@ -457,7 +478,7 @@ class _Flusher:
         return client
 
     def wait_s(self) -> float:
-        return 1.0 if self.stop_deadline is None else 0.05
+        return 1.0 if self.stop_deadline is None and self.drain_until is None else 0.05
 
     def step(self, batch: list[_Event]) -> None:
         acked: list[int] = []
@@ -468,8 +489,10 @@ class _Flusher:
                 log.exception("MQTT flusher could not handle %s", type(event).__name__)
         if acked:
             self.link._outbox.ack_many(acked)
-        if self.connected:
+        if self.connected and self.drain_until is None:
             self._fill()
+        if self.connected and self.drain_until is not None:
+            self._drained()
         if self.stop_deadline is not None:
             self._stopping()
         with self.link._lock:
@@ -484,7 +507,11 @@ class _Flusher:
         elif isinstance(event, _Disconnected):
             self.connected = False
             self.inflight.clear()
+            self.state_mids.clear()
             self.cursor = 0
+            self.drain_until = None  # lost while draining: paho reconnects as after any loss
+            if self.reconnecting:
+                self._restart_loop()
         elif isinstance(event, _Wake):
             with self.link._lock:
                 self.link._wake_pending = False
@@ -498,10 +525,14 @@ class _Flusher:
                 self.link._next_block = block
         elif isinstance(event, _Stop):
             self.stop_deadline = event.deadline
+            self.drain_until = None  # stopping: this block's will is the offline state
 
     def _acked(self, event: _Acked, acked: list[int]) -> None:
         if event.mid == self.offline_mid:
             self.offline_acked = True
+            return
+        if event.mid in self.state_mids:
+            self.state_mids.discard(event.mid)
             return
         seq = self.inflight.pop(event.mid, None)
         if seq is None:
@@ -517,6 +548,9 @@ class _Flusher:
 
     def _connected(self, block: _Block | None) -> None:
         self.connected = True
+        self.reconnecting = False
+        self.drain_until = None
+        self.state_mids.clear()
         self.block = block
         self.state_seq = 0
         self.inflight.clear()
@@ -538,12 +572,60 @@ class _Flusher:
             return
         seq = block.first if self.state_seq == 0 else self.state_seq + 1
         if seq >= block.will_seq:
-            log.warning("state not republished: reconnect to publish more state changes")
+            self._drain_for_a_new_block()
             return
         self.state_seq = seq
         payload = self.link._state_payload(seq, online=True)
         topic = state_topic(self.link.config.device_id)
-        self.client.publish(topic, payload, qos=1, retain=True)
+        self.state_mids.add(self.client.publish(topic, payload, qos=1, retain=True).mid)
+
+    def _drain_for_a_new_block(self) -> None:
+        """The block is used up: stop publishing and let what is in flight be acknowledged.
+
+        Mosquitto drops a connection's will on a clean DISCONNECT, but only if it reads that
+        DISCONNECT: a PUBACK it still has to write to the closed socket fails first, and it
+        then treats the connection as lost and publishes the will. So the link disconnects
+        only when nothing it published is unacknowledged (or after ``DRAIN_S``).
+        """
+        with self.link._lock:
+            if self.link._closing:  # stopping: the offline state (this block's will) comes next
+                return
+        if self.drain_until is not None:
+            return  # already under way; the new birth carries the state then current
+        log.info(
+            "MQTT reconnecting: the %d state seqs of this connection are used up, the next "
+            "connection's birth publishes the current state",
+            STATE_BLOCK,
+        )
+        self.drain_until = time.monotonic() + DRAIN_S
+
+    def _drained(self) -> None:
+        assert self.drain_until is not None
+        if (self.inflight or self.state_mids) and time.monotonic() < self.drain_until:
+            return
+        with self.link._lock:
+            self.link._planned_disconnect = True
+        self.connected = False  # nothing more is published on this connection
+        self.reconnecting = True
+        self.drain_until = None
+        self.inflight.clear()
+        self.state_mids.clear()
+        self.cursor = 0
+        if self.client.disconnect() != mqtt.MQTT_ERR_SUCCESS:
+            # the connection was already lost: paho reports it (an outage, logged as such)
+            with self.link._lock:
+                self.link._planned_disconnect = False
+
+    def _restart_loop(self) -> None:
+        """After a clean DISCONNECT paho's network thread ends: start it again, connecting."""
+        client = self.client
+        # joins the ended thread (this is never paho's own thread); AttributeError: paho's thread
+        # cleared its own reference between loop_stop's check and its join, so it has ended
+        with contextlib.suppress(AttributeError):
+            client.loop_stop()
+        config = self.link.config
+        client.connect_async(config.host, config.port, config.keepalive, clean_start=True)
+        client.loop_start()
 
     def _fill(self) -> None:
         room = self.link.config.inflight_window - len(self.inflight)
@@ -562,6 +644,8 @@ class _Flusher:
     def _stopping(self) -> None:
         assert self.stop_deadline is not None
         now = time.monotonic()
+        if self.reconnecting and now < self.stop_deadline:
+            return  # wait for the new connection: the offline state is published on it
         if not self.connected or self.block is None:
             self.done = True
             return
