@@ -25,7 +25,12 @@ connection attempt the device reserves a block of consecutive sequence numbers (
 :mod:`agent.mqtt_link`); the birth carries the first, state refreshes on the same connection the
 next ones, and the will the last (with the ``ts`` of the attempt). A clean shutdown publishes
 that same will payload itself, so a connection ends in at most one offline seq, and the next
-connection's block is higher: its birth outranks every earlier will.
+connection's block is higher: its birth outranks every earlier will. A device that needs more
+refreshes than its block holds ends the connection with a clean DISCONNECT (so the broker drops
+that will and the last online state stays retained) and connects again at once: the new birth,
+with the current state, takes the first seq of a new, higher block. So the number of refreshes
+per connection is not limited, the ``state`` with the highest ``seq`` is always the current one,
+and a connection's will always carries the highest seq of that connection.
 
 The body classes live in :mod:`protocol.bodies` and are re-exported here. This module is pure:
 it turns values into bytes and bytes into values. It does not publish, subscribe, store or count
