@@ -7,6 +7,7 @@ kind Mosquitto 2.0.11 restores after a broker restart), every payload through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -337,7 +338,9 @@ def test_unreachable_broker_at_start_then_bound_evicts_oldest_and_counts(
     assert last.body.outbox_evicted_total == 10  # type: ignore[attr-defined]
 
 
-def spawn_agent(broker: MosquittoBroker, db: Path) -> subprocess.Popen[bytes]:
+def spawn_agent(
+    broker: MosquittoBroker, db: Path, refresh_on_stdin: bool = False
+) -> subprocess.Popen[bytes]:
     with db.with_suffix(".log").open("ab") as log:  # the agents' logs, for a failure's reader
         return subprocess.Popen(
             [
@@ -345,7 +348,9 @@ def spawn_agent(broker: MosquittoBroker, db: Path) -> subprocess.Popen[bytes]:
                 str(AGENT),
                 *("--db", str(db), "--device", DEVICE),
                 *("--host", broker.host, "--port", str(broker.port), "--interval", "0.01"),
+                *(["--refresh-on-stdin"] if refresh_on_stdin else []),
             ],
+            stdin=subprocess.PIPE if refresh_on_stdin else None,
             stdout=subprocess.PIPE,
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -436,3 +441,105 @@ def test_sigkill_and_restart_lose_nothing_and_seqs_keep_growing(
     # the fleet's current state is the state with the highest seq: offline, after agent 3
     assert max(states, key=lambda e: e.seq) == states[-1]
     assert [e.seq for e in states] == sorted(e.seq for e in states)
+
+
+def model_version(env: Envelope) -> int | None:
+    model = env.body.model  # type: ignore[attr-defined]
+    return None if model is None else int(model.version)
+
+
+def test_refreshes_beyond_the_block_reconnect_cleanly_and_the_will_still_outranks_them(
+    broker: MosquittoBroker, fleet: FleetView, tmp_path: Path
+) -> None:
+    """20 refreshes on one agent (about three blocks' worth) while it reports every 10 ms, then
+    SIGKILL: every refreshed state arrives, state seqs only grow, no will fires on the planned
+    reconnects, and the Last Will of the last connection outranks every state before it."""
+    db = tmp_path / "agent.db"
+    proc = spawn_agent(broker, db, refresh_on_stdin=True)
+    assert proc.stdin is not None
+    try:
+        seq = running(proc)
+        wait_for_retained_birth(broker)
+        for version in range(1, 21):  # each refresh once the previous one has arrived
+            proc.stdin.write(b"refresh\n")
+            proc.stdin.flush()
+            fleet.wait_for(
+                lambda v=version: any(model_version(r.env) == v for r in fleet.of(TopicKind.STATE)),
+                message=lambda: [
+                    (r.env.seq, model_version(r.env)) for r in fleet.of(TopicKind.STATE)
+                ],
+            )
+        retained = wait_for_retained_birth(broker)
+        time.sleep(0.3)  # heartbeats go on over the last connection
+        made = stopped(proc, signal.SIGKILL, seq)
+        fleet.wait_for(lambda: not fleet.of(TopicKind.STATE)[-1].env.body.online)  # type: ignore[attr-defined]
+        # the last reports may have been in the outbox only, never sent, when it was killed
+        left = {row.seq for row in Outbox(db, DEVICE).peek(10_000)}
+        sent = set(made) - left
+        fleet.wait_for(
+            lambda: sent <= set(fleet.seqs()), message=lambda: sorted(sent - set(fleet.seqs()))
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert retained.body.online and model_version(retained) == 20  # type: ignore[attr-defined]
+    # each state once (a QoS 1 redelivery keeps its seq), in the order of strictly growing seqs
+    states = list({r.env.seq: r.env for r in fleet.of(TopicKind.STATE)}.values())
+    assert [e.seq for e in states] == sorted({e.seq for e in states})
+    *online, will = states
+    assert all(e.body.online for e in online) and not will.body.online  # type: ignore[attr-defined]
+    # the birth, then each refresh; refreshes 7 and 14 found their block used up, so they are
+    # the births of new connections (a clean DISCONNECT each: no will in between)
+    assert [model_version(e) for e in online] == [None, *range(1, 21)]
+    births = [online[0], online[7], online[14]]
+    for birth, block in zip(births, (online[:7], online[7:14], online[14:]), strict=True):
+        assert [e.seq for e in block] == list(range(birth.seq, birth.seq + len(block)))
+    assert births[0].seq + STATE_BLOCK <= births[1].seq  # a new block above the previous will
+    assert births[1].seq + STATE_BLOCK <= births[2].seq
+    # the Last Will (SIGKILL) has the last seq of the last connection's block: above them all
+    assert will.seq == births[2].seq + STATE_BLOCK - 1 > max(e.seq for e in online)
+    # no report lost across the planned reconnects: all arrived, first arrivals in seq order
+    delivered = set(fleet.seqs())
+    assert len(made) > 50 and sent <= delivered
+    unsent = set(made) - delivered  # still in the killed agent's outbox: only a tail, no gap
+    assert unsent <= left and min(unsent, default=max(made) + 1) > max(delivered)
+    assert first_arrivals(fleet.seqs()) == sorted(set(fleet.seqs()))
+    log = db.with_suffix(".log").read_text()
+    assert log.count("MQTT reconnecting: the 8 state seqs of this connection are used up") == 2
+    assert "lost the connection" not in log and "WARNING" not in log, log
+
+
+def test_a_burst_of_refreshes_ends_in_the_current_state_and_a_clean_stop(
+    broker: MosquittoBroker, fleet: FleetView, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refreshes asked for faster than they are published: the ones asked for during the
+    planned reconnect are folded into the new birth; the last state is the current one."""
+    caplog.set_level(logging.INFO, logger="agent.mqtt_link")
+    agent = InProcessAgent(tmp_path / "agent.db", broker)
+    try:
+        agent.wait_connected()
+        made = []
+        for version in range(1, 21):
+            agent.current = dataclasses.replace(
+                NEW_MODEL, model=ActiveModel("v", version, "a", "onnxruntime")
+            )
+            agent.link.refresh_state()
+            made.append(agent.beat(version))
+        fleet.wait_for(lambda: any(model_version(r.env) == 20 for r in fleet.of(TopicKind.STATE)))
+        fleet.wait_for(lambda: set(made) <= set(fleet.seqs()))
+        status = agent.link.status()
+    finally:
+        agent.close()
+    fleet.wait_for(lambda: not fleet.of(TopicKind.STATE)[-1].env.body.online)  # type: ignore[attr-defined]
+    states = list({r.env.seq: r.env for r in fleet.of(TopicKind.STATE)}.values())
+    assert [e.seq for e in states] == sorted({e.seq for e in states})
+    *online, offline = states
+    assert all(e.body.online for e in online)  # type: ignore[attr-defined]  # no will fired
+    versions = [model_version(e) or 0 for e in online]
+    assert versions == sorted(versions) and versions[-1] == 20  # never an older state later
+    assert not offline.body.online and offline.seq > online[-1].seq  # type: ignore[attr-defined]
+    assert status.connects_total >= 2 and status.connected
+    assert first_arrivals(fleet.seqs()) == made
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
