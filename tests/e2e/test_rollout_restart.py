@@ -127,7 +127,7 @@ def test_a_fleet_restarted_mid_rollout_carries_it_on(
         # --- the fleet goes down; broker and agents run on ------------------------------------
         stack.stop_fleet()
         down_at = time.time()
-        before = {
+        before: dict[str, Any] = {
             "rollout": dict(query(stack, "SELECT * FROM rollouts WHERE id = ?", rid)[0]),
             "assignments": [
                 dict(a)
