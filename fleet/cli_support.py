@@ -7,7 +7,6 @@ Lives outside :mod:`fleet.commands` because every module there must be a command
 from __future__ import annotations
 
 import argparse
-import functools
 import getpass
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,10 +15,8 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from fleet.audit import Actor
-from fleet.errors import FleetError
 from fleet.settings import CONFIG_ENV, FleetSettings, load_settings
 from fleet.store import connect, migrate
-from protocol.cli import CommandError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -56,16 +53,3 @@ def cli_actor() -> Actor:
     except (KeyError, OSError):
         user = "unknown"
     return Actor.cli(user)
-
-
-def domain_errors(handler: Handler) -> Handler:
-    """Report :class:`FleetError` as a command error (one line, exit 2)."""
-
-    @functools.wraps(handler)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except FleetError as exc:
-            raise CommandError(str(exc)) from exc
-
-    return wrapped

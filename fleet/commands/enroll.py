@@ -10,7 +10,7 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from fleet.cli_support import add_config_flag, cli_actor, database, domain_errors, settings_from
+from fleet.cli_support import add_config_flag, cli_actor, database, settings_from
 from fleet.enrollment import EnrollmentService, EnrollmentTokenSpec
 from fleet.settings import parse_duration
 from protocol.cli import CommandError
@@ -34,17 +34,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--tag", action="append", default=[], help="tag given to enrolled devices (repeatable)"
     )
     create.add_argument("--note", default="", help="what or where the token is for")
-    create.set_defaults(handler=domain_errors(create_token))
+    create.set_defaults(handler=create_token)
 
     listing = sub.add_parser("list", help="list enrollment tokens")
     add_config_flag(listing)
     listing.add_argument("--usable", action="store_true", help="only tokens that still work")
-    listing.set_defaults(handler=domain_errors(list_tokens))
+    listing.set_defaults(handler=list_tokens)
 
     revoke = sub.add_parser("revoke", help="revoke an enrollment token")
     add_config_flag(revoke)
     revoke.add_argument("token_id", metavar="ID", help="enrollment token id (enr-...)")
-    revoke.set_defaults(handler=domain_errors(revoke_token))
+    revoke.set_defaults(handler=revoke_token)
 
 
 def create_token(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 
-from fleet.cli_support import add_config_flag, database, domain_errors, settings_from
+from fleet.cli_support import add_config_flag, database, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_config_flag(parser)
     parser.add_argument("--worker", help="worker id (default: settings ingest.worker, 0)")
-    parser.set_defaults(handler=domain_errors(ingest))
+    parser.set_defaults(handler=ingest)
 
 
 def ingest(args: argparse.Namespace) -> int:

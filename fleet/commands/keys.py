@@ -125,62 +125,47 @@ def _repo(args: argparse.Namespace) -> TufRepository:
     return TufRepository(args.repo, load_online_keys(args.dir))
 
 
-def _run(fn: Any, *a: Any) -> Any:
-    try:
-        return fn(*a)
-    except FleetError as exc:
-        raise CommandError(str(exc)) from exc
-
-
 def init(args: argparse.Namespace) -> int:
-    def go() -> None:
-        signers = init_key_dir(args.dir, force=args.force)
-        repo = TufRepository(args.repo, {r: signers[r] for r in ONLINE_ROLES})
-        repo.init(signers[ROOT], _now(), force=args.force)
-        print(f"keys written to {args.dir} (mode 0600):")
-        for role in ROLES:
-            print(f"  {role:9} {signers[role].public_key.keyid}  {key_path(args.dir, role)}")
-        print(f"TUF repository initialised in {args.repo}")
-        print(f"devices pin its root: {args.repo / 'metadata' / '1.root.json'}")
-        print()
-        print(f"MOVE THE ROOT KEY OFFLINE NOW: copy {key_path(args.dir, ROOT)} to offline storage")
-        print("(and a backup), then delete it from this server. The server never needs it; it")
-        print("signs only key rotations (`fleet keys rotate ... --root-key PATH`).")
-
-    _run(go)
+    signers = init_key_dir(args.dir, force=args.force)
+    repo = TufRepository(args.repo, {r: signers[r] for r in ONLINE_ROLES})
+    repo.init(signers[ROOT], _now(), force=args.force)
+    print(f"keys written to {args.dir} (mode 0600):")
+    for role in ROLES:
+        print(f"  {role:9} {signers[role].public_key.keyid}  {key_path(args.dir, role)}")
+    print(f"TUF repository initialised in {args.repo}")
+    print(f"devices pin its root: {args.repo / 'metadata' / '1.root.json'}")
+    print()
+    print(f"MOVE THE ROOT KEY OFFLINE NOW: copy {key_path(args.dir, ROOT)} to offline storage")
+    print("(and a backup), then delete it from this server. The server never needs it; it")
+    print("signs only key rotations (`fleet keys rotate ... --root-key PATH`).")
     return 0
 
 
 def show(args: argparse.Namespace) -> int:
-    def go() -> None:
-        repo = _repo(args)
-        now = _now()
-        print(f"repository {args.repo} (root v{repo.root_version()})")
-        for st in repo.status():
-            left = st.expires - now
-            state = (
-                "EXPIRED"
-                if left.total_seconds() <= 0
-                else f"in {left.days}d {left.seconds // 3600}h"
+    repo = _repo(args)
+    now = _now()
+    print(f"repository {args.repo} (root v{repo.root_version()})")
+    for st in repo.status():
+        left = st.expires - now
+        state = (
+            "EXPIRED" if left.total_seconds() <= 0 else f"in {left.days}d {left.seconds // 3600}h"
+        )
+        print(
+            f"{st.role:9} v{st.version:<5} expires {st.expires:%Y-%m-%d %H:%M}Z ({state}), "
+            f"threshold {st.threshold}"
+        )
+        for keyid in st.keyids:
+            mark = (
+                "  <- online key in " + str(key_path(args.dir, st.role))
+                if keyid == st.signer_keyid
+                else ""
             )
-            print(
-                f"{st.role:9} v{st.version:<5} expires {st.expires:%Y-%m-%d %H:%M}Z ({state}), "
-                f"threshold {st.threshold}"
-            )
-            for keyid in st.keyids:
-                mark = (
-                    "  <- online key in " + str(key_path(args.dir, st.role))
-                    if keyid == st.signer_keyid
-                    else ""
-                )
-                print(f"    {keyid}{mark}")
-            if st.role != ROOT and st.signer_keyid not in st.keyids:
-                print(f"    WARNING: {key_path(args.dir, st.role)} is not a key of this role")
-        if key_path(args.dir, ROOT).exists():
-            where = key_path(args.dir, ROOT)
-            print(f"WARNING: the root key is still on this server ({where}); move it offline")
-
-    _run(go)
+            print(f"    {keyid}{mark}")
+        if st.role != ROOT and st.signer_keyid not in st.keyids:
+            print(f"    WARNING: {key_path(args.dir, st.role)} is not a key of this role")
+    if key_path(args.dir, ROOT).exists():
+        where = key_path(args.dir, ROOT)
+        print(f"WARNING: the root key is still on this server ({where}); move it offline")
     return 0
 
 
@@ -241,8 +226,7 @@ def _named_by_root(repo: TufRepository, role: str, signer: CryptoSigner) -> bool
 
 
 def rotate(args: argparse.Namespace) -> int:
-    _run(
-        _replace_key,
+    _replace_key(
         args,
         args.role,
         lambda repo, new, root_signer: repo.rotate_key(args.role, new, root_signer, _now()),
@@ -254,23 +238,19 @@ def revoke(args: argparse.Namespace) -> int:
     def apply(repo: TufRepository, new: CryptoSigner | None, root_signer: CryptoSigner) -> int:
         return repo.revoke_key(args.role, args.keyid, root_signer, _now(), replacement=new)
 
-    _run(_replace_key, args, args.role, apply, True)
+    _replace_key(args, args.role, apply, True)
     return 0
 
 
 def refresh(args: argparse.Namespace) -> int:
-    def go() -> None:
-        signed = _repo(args).refresh_timestamp(_now())
-        print(f"re-signed: {', '.join(signed)}" if signed else "nothing close to expiry")
+    signed = _repo(args).refresh_timestamp(_now())
+    print(f"re-signed: {', '.join(signed)}" if signed else "nothing close to expiry")
 
-    _run(go)
     return 0
 
 
 def renew_root(args: argparse.Namespace) -> int:
-    def go() -> None:
-        version = _repo(args).renew_root(load_key(args.root_key, ROOT), _now())
-        print(f"root v{version} published")
+    version = _repo(args).renew_root(load_key(args.root_key, ROOT), _now())
+    print(f"root v{version} published")
 
-    _run(go)
     return 0

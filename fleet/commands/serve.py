@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fleet.cli_support import add_config_flag, domain_errors, settings_from
+from fleet.cli_support import add_config_flag, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_config_flag(parser)
     parser.add_argument("--host", help="bind address (default: settings host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="bind port (default: settings port, 8080)")
-    parser.set_defaults(handler=domain_errors(serve))
+    parser.set_defaults(handler=serve)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from fleet.cli_support import add_config_flag, cli_actor, database, domain_errors, settings_from
+from fleet.cli_support import add_config_flag, cli_actor, database, settings_from
 from fleet.tokens import Role, TokenService
 
 
@@ -29,17 +29,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument(
         "--role", required=True, choices=[r.value for r in Role], help="viewer, operator, admin"
     )
-    create.set_defaults(handler=domain_errors(create_token))
+    create.set_defaults(handler=create_token)
 
     listing = sub.add_parser("list", help="list tokens (never their secrets)")
     add_config_flag(listing)
     listing.add_argument("--active", action="store_true", help="hide revoked tokens")
-    listing.set_defaults(handler=domain_errors(list_tokens))
+    listing.set_defaults(handler=list_tokens)
 
     revoke = sub.add_parser("revoke", help="revoke a token at once")
     add_config_flag(revoke)
     revoke.add_argument("token_id", metavar="ID", help="token id (tok-...), see `fleet token list`")
-    revoke.set_defaults(handler=domain_errors(revoke_token))
+    revoke.set_defaults(handler=revoke_token)
 
 
 def create_token(args: argparse.Namespace) -> int:
