@@ -7,6 +7,8 @@ The state directory (default ``/var/lib/edgefleet``; ``--state-dir`` or
     device.key        the device's Ed25519 private key, PEM (0600, never leaves the device)
     device.pub        its public key, PEM
     trust/root.json   the TUF root metadata pinned at provisioning
+    trust/ca.pem      the fleet's TLS CA pinned at provisioning (if the fleet has one)
+    tls.key, tls.pem  the device's TLS key (0600, never leaves it) and client certificate
     agent.db          SQLite: the telemetry outbox and the update state
     slots/a, slots/b  the two model slots; slots/active points at one of them
 
@@ -86,6 +88,18 @@ class StatePaths:
         return self.trust_dir / "root.json"
 
     @property
+    def ca_cert(self) -> Path:
+        return self.trust_dir / "ca.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.root / "tls.key"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.root / "tls.pem"
+
+    @property
     def db(self) -> Path:
         return self.root / "agent.db"
 
@@ -119,6 +133,7 @@ class DeviceConfig:
     id: str
     profile: str
     fleet_url: str
+    ca_file: str = ""  # verifies an https:// fleet_url; "" = the system's CA store
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,8 @@ class MqttConfig:
     password: str = ""
     tls: bool = False
     ca_file: str = ""  # "" = the system's CA store when tls is on
+    cert_file: str = ""  # client certificate for mutual TLS ("" = none)
+    key_file: str = ""  # its private key
     keepalive: int = 30
 
 

@@ -186,6 +186,18 @@ def build_client(config: LinkConfig) -> mqtt.Client:
     return client
 
 
+def _loop_stop(client: mqtt.Client) -> None:
+    """``client.loop_stop()``, safe when paho's network thread is ending by itself.
+
+    After a clean DISCONNECT paho's thread clears its own ``_thread`` reference as it exits;
+    if that happens between ``loop_stop``'s ``is None`` check and its ``join``, paho raises
+    ``AttributeError: 'NoneType' object has no attribute 'join'``. The thread has ended then,
+    which is all ``loop_stop`` waits for.
+    """
+    with contextlib.suppress(AttributeError):
+        client.loop_stop()
+
+
 class MqttLink:
     """The device's connection to the broker (see the module docstring).
 
@@ -310,7 +322,7 @@ class MqttLink:
         self._threads[0].join(timeout + 5)
         self._inbound.put(None)
         self._threads[1].join(5)
-        client.loop_stop()
+        _loop_stop(client)
         with self._lock:
             self._connected = False
         self._client = None
@@ -619,10 +631,7 @@ class _Flusher:
     def _restart_loop(self) -> None:
         """After a clean DISCONNECT paho's network thread ends: start it again, connecting."""
         client = self.client
-        # joins the ended thread (this is never paho's own thread); AttributeError: paho's thread
-        # cleared its own reference between loop_stop's check and its join, so it has ended
-        with contextlib.suppress(AttributeError):
-            client.loop_stop()
+        _loop_stop(client)  # joins the ended thread (this is never paho's own thread)
         config = self.link.config
         client.connect_async(config.host, config.port, config.keepalive, clean_start=True)
         client.loop_start()

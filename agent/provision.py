@@ -8,8 +8,11 @@
 4. ``POST {fleet}/v1/enroll`` with the enrollment token, the public key, the firmware profile
    and the machine's facts (``urllib``: no HTTP library on the device);
 5. writes, each atomically, ``device.key`` (0600), ``device.pub``, ``trust/root.json`` (the TUF
-   root to pin, verbatim) and finally ``agent.toml`` (0600), whose presence is what
-   "provisioned" means, so a failure at any step leaves the previous state (or none) intact.
+   root to pin, verbatim), ``trust/ca.pem`` (the fleet's TLS CA to pin, if it has one),
+   ``tls.key``/``tls.pem`` (the device's TLS key, whose CSR went with the enrollment, and the
+   client certificate the fleet signed, if it did) and finally ``agent.toml`` (0600), whose
+   presence is what "provisioned" means, so a failure at any step leaves the previous state (or
+   none) intact.
 
 Every failure is one :class:`ProvisionError` sentence that says what to do: the fleet is
 unreachable, the token was refused, the state directory is not writable, the reply is not an
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import shlex
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -32,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -83,6 +90,8 @@ class EnrollmentReply:
     broker_tls: bool
     fleet_url: str
     root_json: str  # the exact text of root.json
+    ca_pem: str | None = None  # the fleet's TLS CA to pin
+    client_cert_pem: str | None = None  # the client certificate for our TLS key
 
     @classmethod
     def from_json(cls, data: bytes, url: str) -> EnrollmentReply:
@@ -97,6 +106,8 @@ class EnrollmentReply:
                 broker_tls=bool(doc["broker_tls"]),
                 fleet_url=str(doc["fleet_url"]),
                 root_json=str(doc["root_json"]),
+                ca_pem=_optional_pem(doc.get("ca_pem"), "CERTIFICATE"),
+                client_cert_pem=_optional_pem(doc.get("client_cert_pem"), "CERTIFICATE"),
             )
             json.loads(reply.root_json)
         except (ValueError, KeyError, TypeError) as exc:
@@ -110,6 +121,26 @@ class EnrollmentReply:
                 "report this to the fleet operator"
             )
         return reply
+
+
+def new_tls_key() -> ec.EllipticCurvePrivateKey:
+    """The device's TLS key for mutual TLS (ECDSA P-256, as every broker's OpenSSL accepts)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
+    """The PEM certificate request sent at enrollment (the fleet sets the subject itself)."""
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "edgefleet-device")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(Encoding.PEM).decode()
+
+
+def _optional_pem(value: object, label: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or f"-----BEGIN {label}-----" not in value:
+        raise ValueError(f"expected a PEM {label.lower()}, got {str(value)[:40]!r}")
+    return value
 
 
 def device_facts(facts: MachineFacts, agent_version: str, runtimes: list[str]) -> dict[str, Any]:
@@ -155,9 +186,14 @@ def _error_detail(body: bytes) -> str:
     return str(doc)[:200]
 
 
-def enroll(fleet_url: str, request: dict[str, Any], timeout: float) -> EnrollmentReply:
+def enroll(
+    fleet_url: str,
+    request: dict[str, Any],
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> EnrollmentReply:
     """``POST {fleet_url}/v1/enroll``; :class:`ProvisionError` with one clear sentence on
-    every failure."""
+    every failure. ``context`` verifies an https fleet (default: the system's CAs)."""
     url = fleet_url.rstrip("/") + ENROLL_PATH
     if not url.startswith(("http://", "https://")):
         raise ProvisionError(
@@ -171,7 +207,7 @@ def enroll(fleet_url: str, request: dict[str, Any], timeout: float) -> Enrollmen
         method="POST",
     )
     try:
-        with urllib.request.urlopen(http_request, timeout=timeout) as response:
+        with urllib.request.urlopen(http_request, timeout=timeout, context=context) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         detail = _error_detail(exc.read())
@@ -186,6 +222,11 @@ def enroll(fleet_url: str, request: dict[str, Any], timeout: float) -> Enrollmen
         ) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise ProvisionError(
+                f"the fleet manager at {fleet_url} presented a certificate this device does not "
+                f"trust ({reason.verify_message}); pass the fleet CA with --ca-file"
+            ) from None
         raise ProvisionError(
             f"cannot reach the fleet manager at {fleet_url} ({reason}); check the device's "
             "network and the URL"
@@ -204,12 +245,16 @@ def provision(
     predict_listen: Listen | None = None,
     health_listen: Listen | None = None,
     timeout: float = 30.0,
+    ca_file: Path | None = None,
 ) -> AgentConfig:
     """Enroll this device and store its identity under ``state_dir``; returns the new config.
 
     ``facts`` is :func:`device_facts`' dict. ``predict_listen``/``health_listen`` set the
     HTTP addresses; everything else of ``[http]`` and ``[telemetry]`` is kept from a previous
-    provisioning (new devices get the defaults).
+    provisioning (new devices get the defaults). ``ca_file`` verifies an https fleet during
+    enrollment; the fleet's CA in the reply is pinned (``trust/ca.pem``) for the broker and the
+    fleet, and a client certificate for the device's new TLS key is stored when the fleet
+    issues one.
     """
     paths = StatePaths(state_dir)
     previous: AgentConfig | None = None
@@ -229,20 +274,38 @@ def provision(
             )
     _check_writable(paths)
     key = Ed25519PrivateKey.generate()
+    tls_key = new_tls_key()
     reply = enroll(
         fleet_url,
-        {"token": token, "public_key": public_key_hex(key), "profile": profile, "facts": facts},
+        {
+            "token": token,
+            "public_key": public_key_hex(key),
+            "profile": profile,
+            "facts": facts,
+            "tls_csr": make_csr(tls_key),
+        },
         timeout,
+        _bootstrap_context(fleet_url, ca_file),
     )
+    pinned = reply.ca_pem
+    if pinned is None and ca_file is not None:
+        pinned = ca_file.read_text()
+    ca = str(paths.ca_cert) if pinned else ""
+    cert = reply.client_cert_pem is not None
     config = AgentConfig(
         state_dir=state_dir,
-        device=DeviceConfig(id=reply.device_id, profile=profile, fleet_url=reply.fleet_url),
+        device=DeviceConfig(
+            id=reply.device_id, profile=profile, fleet_url=reply.fleet_url, ca_file=ca
+        ),
         mqtt=MqttConfig(
             host=reply.broker_host,
             port=reply.broker_port,
             username=reply.mqtt_username,
             password=reply.mqtt_password,
             tls=reply.broker_tls,
+            ca_file=ca,
+            cert_file=str(paths.tls_cert) if cert else "",
+            key_file=str(paths.tls_key) if cert else "",
         ),
         http=_http(previous.http if previous else HttpConfig(), predict_listen, health_listen),
         telemetry=previous.telemetry if previous else TelemetryConfig(),
@@ -261,6 +324,15 @@ def provision(
         )
         paths.trust_dir.mkdir(exist_ok=True)
         write_atomic(paths.root_json, reply.root_json.encode("utf-8"))
+        if pinned:
+            write_atomic(paths.ca_cert, pinned.encode("utf-8"))
+        if reply.client_cert_pem is not None:
+            write_atomic(
+                paths.tls_key,
+                tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
+                mode=0o600,
+            )
+            write_atomic(paths.tls_cert, reply.client_cert_pem.encode("utf-8"))
         save_config(config)
     except OSError as exc:
         raise ProvisionError(
@@ -270,6 +342,17 @@ def provision(
         ) from None
     log.info("provisioned as %s with %s", reply.device_id, reply.fleet_url)
     return config
+
+
+def _bootstrap_context(fleet_url: str, ca_file: Path | None) -> ssl.SSLContext | None:
+    if ca_file is None or not fleet_url.startswith("https://"):
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ProvisionError(
+            f"cannot use {ca_file} as the fleet CA ({exc}); pass the fleet's ca.pem (PEM)"
+        ) from None
 
 
 def _http(http: HttpConfig, predict: Listen | None, health: Listen | None) -> HttpConfig:

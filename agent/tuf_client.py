@@ -30,6 +30,7 @@ import email.utils
 import logging
 import os
 import random
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -100,13 +101,13 @@ class _Restart(Exception):
     """The server ignored our Range: drop the partial data and read from the start."""
 
 
-def _no_redirects() -> urllib.request.OpenerDirector:
+def _no_redirects(context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
     class _NoRedirect(urllib.request.HTTPRedirectHandler):
         # A redirect would send the device's credentials to wherever the server says.
         def redirect_request(self, *args: object, **kwargs: object) -> None:
             return None
 
-    return urllib.request.build_opener(_NoRedirect)
+    return urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -131,13 +132,15 @@ class DeviceFetcher(FetcherInterface):
         user_agent: str = "edgefleet-agent",
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context`` verifies an https fleet (the CA pinned at provisioning)."""
         self._auth: AuthHeaders = auth or (lambda method, target: {})
         self.retry = retry or RetryPolicy()
         self._user_agent = user_agent
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._opener = _no_redirects()
+        self._opener = _no_redirects(ssl_context)
 
     # --- FetcherInterface -----------------------------------------------------------------
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from types import ModuleType
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from fleet import routes
 from fleet.dependencies import AppContext, Clock
@@ -58,6 +61,23 @@ STATUS_BY_ERROR: dict[type[Exception], int] = {
     UnavailableError: 503,
 }
 DEFAULT_ERROR_STATUS = 400
+BUSY_RETRY_AFTER_S = 2
+
+
+class ErrorBody(BaseModel):
+    """What every refused request answers: a domain error's message and class name, or
+    FastAPI's list of request validation errors (then without ``error``)."""
+
+    detail: Any = Field(description="what was wrong and what to do (or validation errors)")
+    error: str | None = Field(default=None, description="the fleet error class")
+
+
+# documented on every route: the spec then describes the error bodies the app really sends
+# (FastAPI's default 422 schema knows only its own validation errors)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "refused: see `detail`"},
+    503: {"model": ErrorBody, "description": "a dependency (signing key, broker) is missing"},
+}
 
 
 def status_for(exc: Exception) -> int:
@@ -84,6 +104,23 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     return JSONResponse(
         {"detail": str(exc), "error": type(exc).__name__}, status_code=code, headers=_challenge(exc)
+    )
+
+
+async def _busy(request: Request, exc: Exception) -> JSONResponse:
+    """SQLite's busy timeout ran out (a write lock held that long: a burst of writers on a
+    loaded machine). Nothing was written; the client may simply try again."""
+    if "locked" not in str(exc) and "busy" not in str(exc):
+        raise exc
+    log.warning("%s %s: database busy: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {
+            "detail": "the fleet manager is busy (its database stayed locked); nothing was "
+            f"changed: retry in {BUSY_RETRY_AFTER_S} s",
+            "error": "Busy",
+        },
+        status_code=503,
+        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
     )
 
 
@@ -161,8 +198,9 @@ def create_app(
     )
     app.state.fleet = ctx
     for module in modules:
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     app.add_exception_handler(FleetError, _domain_error)
     app.add_exception_handler(ProtocolError, _domain_error)
+    app.add_exception_handler(sqlite3.OperationalError, _busy)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -300,6 +300,15 @@ class DesiredStateService:
         )
         return [_assignment(r) for r in rows]
 
+    def was_assigned(self, device_id: str, model: str, version: int) -> bool:
+        """Whether the fleet ever issued ``device_id`` a document naming this release (an
+        update or a rollback): the releases whose files the device may download."""
+        row = self.db.execute(
+            f"SELECT 1 FROM {TABLE} WHERE device_id = ? AND model = ? AND version = ? LIMIT 1",
+            [device_id, model, version],
+        ).fetchone()
+        return row is not None
+
     def current_release(self, device_id: str) -> CurrentRelease | None:
         latest = self._latest(device_id)
         if latest is not None:

@@ -4,7 +4,8 @@ An enrollment token is a random secret (``efe_...``, stored as SHA-256) with a n
 (1 for single-use), an expiry, and optionally a group and tags that every device enrolled with it
 gets. ``POST /v1/enroll`` presents the secret with the device's Ed25519 public key, its firmware
 profile and its facts, and gets back a device id, MQTT credentials (the password exists only in
-that response), the broker address, the fleet's base URL and the TUF ``root.json`` to pin.
+that response), the broker address, the fleet's base URL, the TUF ``root.json`` to pin and,
+when the fleet has a TLS CA, the CA to pin and a client certificate for the device's CSR.
 
 Counting uses, checking expiry, inserting the device and writing the audit entry happen in one
 ``BEGIN IMMEDIATE`` transaction, so concurrent enrollments can never exceed a token's uses, and a
@@ -60,6 +61,24 @@ class TrustRootSource(Protocol):
     :class:`~fleet.errors.UnavailableError` when there is no repository yet."""
 
     def root_bytes(self) -> bytes: ...
+
+
+class ClientCertIssuer(Protocol):
+    """Signs a device's TLS client certificate from its CSR (:class:`fleet.tls.ClientCerts`).
+
+    ``check`` raises :class:`~fleet.errors.InvalidInputError` for a CSR it would not sign;
+    ``issue`` returns the certificate PEM naming ``device_id``."""
+
+    def check(self, csr_pem: str) -> None: ...
+
+    def issue(self, csr_pem: str, device_id: str, now: datetime) -> str: ...
+
+
+class EnrollmentListener(Protocol):
+    """Told (after commit) that a device was enrolled, e.g. to add its MQTT credentials to the
+    broker's password file before the device first connects."""
+
+    def device_enrolled(self, device_id: str) -> None: ...
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -133,6 +152,12 @@ class EnrollmentRequest(BaseModel):
     )
     profile: str = Field(pattern=PROFILE_PATTERN, description="firmware profile name")
     facts: DeviceFacts
+    tls_csr: str | None = Field(
+        default=None,
+        max_length=8192,
+        description="PEM CSR of the device's TLS key (ECDSA P-256): the fleet returns a client "
+        "certificate for mutual TLS with the broker when it holds the fleet CA's key",
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +168,7 @@ class DeviceEndpoints:
     broker_port: int
     broker_tls: bool
     fleet_url: str
+    ca_pem: str | None = None  # the fleet CA devices pin (broker TLS and an https fleet)
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,8 @@ class Enrollment:
     profile: str
     group: str | None
     tags: tuple[str, ...]
+    ca_pem: str | None = None  # pin it: verify the broker (and an https fleet URL) with it
+    client_cert_pem: str | None = None  # for the key of tls_csr; names the device id
 
 
 def _info(row: dict[str, Any]) -> EnrollmentTokenInfo:
@@ -256,7 +284,13 @@ class EnrollmentService:
         now: datetime,
         trust_root: TrustRootSource,
         endpoints: DeviceEndpoints,
+        client_certs: ClientCertIssuer | None = None,
     ) -> Enrollment:
+        """Enroll a device; with ``client_certs`` and a ``tls_csr`` it also gets a client
+        certificate (a CSR that cannot be signed refuses the enrollment, using nothing up)."""
+        csr = request.tls_csr if client_certs is not None else None
+        if client_certs is not None and csr is not None:
+            client_certs.check(csr)
         try:
             public_key = load_public_key(request.public_key).hex()
         except PublicKeyError as exc:
@@ -270,6 +304,9 @@ class EnrollmentService:
             with immediate(self.db):
                 token = self._take_use(request.token, now)
                 device_id = self._register(request, token, public_key, facts, password, now)
+                cert = None
+                if client_certs is not None and csr is not None:
+                    cert = client_certs.issue(csr, device_id, now)
         except EnrollmentRefusedError as exc:
             log.warning("enrollment refused: %s", exc, extra={"profile": request.profile})
             raise
@@ -293,6 +330,8 @@ class EnrollmentService:
             profile=request.profile,
             group=token.group,
             tags=token.tags,
+            ca_pem=endpoints.ca_pem,
+            client_cert_pem=cert,
         )
 
     @staticmethod

@@ -106,6 +106,17 @@ class DuplicateDeviceKeyError(ConflictError):
     """An active device already uses this public key."""
 
 
+# --- the broker's credentials and TLS (fleet.broker_auth, fleet.tls) ---------------------------
+
+
+class BrokerReloadError(UnavailableError):
+    """The broker could not be told to re-read its password and ACL files."""
+
+
+class TlsError(FleetError):
+    """A TLS CA, certificate, key or certificate request cannot be used or created."""
+
+
 # --- signing keys and the TUF repository (fleet.keys, fleet.tuf_repo) -------------------------
 
 

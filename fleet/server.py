@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -26,18 +27,35 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """``with BackgroundServer(app) as server: httpx.get(server.url + "/healthz")``."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
+    ) -> None:
+        """``certfile``/``keyfile``: serve HTTPS (as ``fleet serve`` does with ``tls.*``)."""
         self.host = host
         self.port = port or free_port(host)
+        self.scheme = "https" if certfile else "http"
         config = uvicorn.Config(
-            app, host=host, port=self.port, log_config=None, access_log=False, lifespan="on"
+            app,
+            host=host,
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            ssl_certfile=str(certfile) if certfile else None,
+            ssl_keyfile=str(keyfile) if keyfile else None,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start serving; returns once the server accepts requests."""

@@ -94,6 +94,41 @@ class MqttSettings(_Group):
         return self.password.get_secret_value() if self.password else None
 
 
+class BrokerAuthSettings(_Group):
+    """The broker's password and ACL files, kept by the fleet (:mod:`fleet.broker_auth`).
+
+    When ``enabled``, ``fleet serve`` writes ``password_file`` (every active device plus the
+    fleet's own ``mqtt.username``) and ``acl_file`` at start, after each enrollment and
+    decommission and every ``sync_every``, and reloads the broker: SIGHUP to the pid in
+    ``pid_file``, or else ``reload_command`` (an argv list, e.g.
+    ``["sudo", "systemctl", "reload", "mosquitto"]``). Paths default to
+    ``<data_dir>/broker/passwd`` and ``<data_dir>/broker/acl``.
+    """
+
+    enabled: bool = False
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    pid_file: Path | None = None
+    reload_command: tuple[str, ...] = ()
+    sync_every: Duration = timedelta(seconds=60)
+
+
+class TlsSettings(_Group):
+    """The fleet's TLS material (:mod:`fleet.tls`; ``fleet keys init`` creates it).
+
+    ``ca_file`` is the CA devices pin at enrollment (default ``<data_dir>/tls/ca.pem`` when it
+    exists, or an operator's CA); with ``ca_key_file`` (default ``<data_dir>/tls/ca.key``) the
+    fleet signs device client certificates from their enrollment CSRs, for brokers with
+    ``require_certificate true``. ``certfile``/``keyfile`` make ``fleet serve`` speak HTTPS.
+    """
+
+    ca_file: Path | None = None
+    ca_key_file: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    client_cert_days: int = Field(default=825, ge=1, le=36500)
+
+
 class LimitsSettings(_Group):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -206,6 +241,8 @@ class FleetSettings(BaseSettings):
     metrics_auth: Literal["none", "viewer"] = "none"
     broker: BrokerSettings = BrokerSettings()
     mqtt: MqttSettings = MqttSettings()
+    broker_auth: BrokerAuthSettings = BrokerAuthSettings()
+    tls: TlsSettings = TlsSettings()
     limits: LimitsSettings = LimitsSettings()
     ingest: IngestSettings = IngestSettings()
     desired: DesiredSettings = DesiredSettings()
@@ -228,6 +265,17 @@ class FleetSettings(BaseSettings):
             path = init_settings.init_kwargs.get("config")
         path = path or os.environ.get(CONFIG_ENV) or None
         return (init_settings, env_settings, _ConfigFileSource(settings_cls, path))
+
+    @model_validator(mode="after")
+    def _check_tls_and_broker_auth(self) -> FleetSettings:
+        if (self.tls.certfile is None) != (self.tls.keyfile is None):
+            raise ValueError("tls.certfile and tls.keyfile go together: set both for HTTPS")
+        if self.broker_auth.enabled and not (self.mqtt.username and self.mqtt.password):
+            raise ValueError(
+                "broker_auth.enabled needs mqtt.username and mqtt.password: the fleet's own "
+                "broker user, written into the broker's password file"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_insecure_production(self) -> FleetSettings:
@@ -266,7 +314,8 @@ class FleetSettings(BaseSettings):
             return self.public_base_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls.certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def db_path(self) -> Path:
@@ -279,6 +328,19 @@ class FleetSettings(BaseSettings):
     @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA devices pin: ``tls.ca_file`` or ``<data_dir>/tls/ca.pem``."""
+        return self.tls.ca_file or self.tls_dir / "ca.pem"
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self.tls.ca_key_file or self.tls_dir / "ca.key"
 
     @property
     def artifacts_dir(self) -> Path:

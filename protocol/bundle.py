@@ -121,8 +121,23 @@ def _spec(doc: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(
         name=str(doc["name"]),
         dtype=str(doc["dtype"]),
-        shape=tuple(None if d is None else int(d) for d in doc["shape"]),
+        shape=tuple(None if d is None else int(d) for d in _array(doc, "shape")),
     )
+
+
+def _array(doc: Mapping[str, Any], key: str, default: Any = None) -> list[Any]:
+    value = doc.get(key, default) if default is not None else doc[key]
+    if not isinstance(value, list):
+        raise BundleError(f"{METADATA_FILE}: {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _metrics(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BundleError(
+            f"{METADATA_FILE}: 'metrics' must be an object, got {type(value).__name__}"
+        )
+    return value
 
 
 def _safe_relpath(path: str) -> str:
@@ -165,7 +180,7 @@ def parse_bundle(data: bytes) -> BundleMetadata:
                     golden=golden,
                     sha256=sha,
                     length=length,
-                    profiles=tuple(str(p) for p in a.get("profiles", [])),
+                    profiles=tuple(str(p) for p in _array(a, "profiles", [])),
                 )
             )
         reference = _safe_relpath(str(doc["reference_profile"]))
@@ -180,23 +195,25 @@ def parse_bundle(data: bytes) -> BundleMetadata:
             description=str(doc.get("description", "")),
             input=_spec(doc["input"]),
             output=_spec(doc["output"]),
-            feature_names=tuple(str(n) for n in doc["feature_names"]),
-            class_names=tuple(str(n) for n in doc["class_names"]),
+            feature_names=tuple(str(n) for n in _array(doc, "feature_names")),
+            class_names=tuple(str(n) for n in _array(doc, "class_names")),
             artifacts=tuple(artifacts),
             reference_profile=reference,
             health=HealthThresholds(**doc.get("health", {})),
             files=files,
-            metrics=doc.get("metrics", {}),
+            metrics=_metrics(doc.get("metrics", {})),
         )
     except BundleError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise BundleError(
             f"{METADATA_FILE} is malformed ({type(exc).__name__}: {exc}); rebuild the bundle "
             "with `fleet models build`"
         ) from exc
     if not meta.artifacts:
         raise BundleError(f"bundle {meta.name} v{meta.version} has no artifacts")
+    if not meta.input.shape or not meta.output.shape:
+        raise BundleError("the input and output signatures need at least one dimension each")
     if len(meta.feature_names) != meta.input.shape[-1]:
         raise BundleError("feature_names do not match the input signature's last dimension")
     if len(meta.class_names) != meta.output.shape[-1]:

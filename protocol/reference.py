@@ -17,6 +17,7 @@ This module builds and (de)serialises profiles. It does not score drift (that is
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,7 +83,14 @@ class ReferenceProfile:
             )
         except ReferenceProfileError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as exc:
             raise ReferenceProfileError(
                 f"reference profile is malformed ({type(exc).__name__}: {exc}); "
                 "rebuild it with `fleet models build`"
@@ -94,6 +102,10 @@ class ReferenceProfile:
         for f in self.features:
             if len(f.edges) < 2:
                 raise ReferenceProfileError(f"feature {f.name!r} has fewer than 2 bin edges")
+            if not all(math.isfinite(e) for e in f.edges):
+                raise ReferenceProfileError(f"feature {f.name!r}: edges must be finite numbers")
+            if any(c < 0 for c in f.counts):
+                raise ReferenceProfileError(f"feature {f.name!r}: counts must not be negative")
             if any(b <= a for a, b in zip(f.edges, f.edges[1:], strict=False)):
                 raise ReferenceProfileError(f"feature {f.name!r}: edges are not increasing")
             if len(f.counts) != len(f.edges) + 1:

@@ -61,6 +61,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="enrollment timeout (seconds)"
     )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help="the fleet CA to verify an https:// --fleet URL with at enrollment (default: the "
+        "system's CAs); the CA the fleet returns is pinned afterwards",
+    )
     parser.set_defaults(handler=run_provision)
 
 
@@ -108,6 +115,7 @@ def run_provision(args: argparse.Namespace) -> int:
             predict_listen=Listen.parse(args.predict_listen) if args.predict_listen else None,
             health_listen=Listen.parse(args.health_listen) if args.health_listen else None,
             timeout=args.timeout,
+            ca_file=args.ca_file,
         )
     except AlreadyProvisionedError as exc:
         print(str(exc)[0].upper() + str(exc)[1:] + ".")

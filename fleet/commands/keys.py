@@ -6,6 +6,8 @@
 * ``revoke``      remove one key id from a role, generating a replacement if it was the last
 * ``refresh``     re-sign whatever is close to expiry (what the scheduled job does)
 * ``renew-root``  a new root version with a fresh expiry (offline root key)
+* ``tls``         the fleet TLS CA (created once) and the broker's/API's server certificates
+                  (``init --broker-host``/``--fleet-host`` does it too)
 
 Paths: ``--dir`` (the key directory) and ``--repo`` (the repository directory), by default
 the fleet settings' ``<data_dir>/keys`` and ``<data_dir>/tuf`` (``--config`` or environment).
@@ -37,6 +39,7 @@ from fleet.keys import (
     load_online_keys,
     write_key,
 )
+from fleet.tls import TlsPaths, issue_server_cert, load_or_create_ca, write_pair
 from fleet.tuf_repo import TufRepository
 from protocol.cli import CommandError
 
@@ -75,6 +78,27 @@ def _root_key(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls_hosts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-dir", type=Path, metavar="DIR", help="TLS CA and certificates (<data_dir>/tls)"
+    )
+    parser.add_argument(
+        "--broker-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a name or IP devices reach the broker at (repeat); issues broker.pem/broker.key "
+        "signed by the fleet CA (created in the TLS directory if there is none)",
+    )
+    parser.add_argument(
+        "--fleet-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a name or IP of the fleet API (repeat); issues fleet.pem/fleet.key for HTTPS",
+    )
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("keys", help="TUF signing keys and repository metadata")
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
@@ -82,6 +106,16 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("init", help="create all keys and the repository's first metadata")
     _paths(p, init)
     p.add_argument("--force", action="store_true", help="replace existing keys and metadata")
+
+    _tls_hosts(p)
+
+    p = sub.add_parser(
+        "tls",
+        help="the fleet TLS CA (created once) and server certificates for the broker and API",
+    )
+    add_config_flag(p)
+    _tls_hosts(p)
+    p.set_defaults(handler=tls)
 
     p = sub.add_parser("show", help="key ids, versions and expiries of every role")
     _paths(p, show)
@@ -138,6 +172,29 @@ def init(args: argparse.Namespace) -> int:
     print(f"MOVE THE ROOT KEY OFFLINE NOW: copy {key_path(args.dir, ROOT)} to offline storage")
     print("(and a backup), then delete it from this server. The server never needs it; it")
     print("signs only key rotations (`fleet keys rotate ... --root-key PATH`).")
+    if args.broker_host or args.fleet_host:
+        print()
+        return tls(args)
+    return 0
+
+
+def tls(args: argparse.Namespace) -> int:
+    if not args.broker_host and not args.fleet_host:
+        raise CommandError("name the broker (--broker-host HOST) and/or the API (--fleet-host)")
+    paths = TlsPaths(args.tls_dir or settings_from(args).tls_dir)
+    now = _now()
+    ca, created = load_or_create_ca(paths, now)
+    if created:
+        print(f"fleet CA created: {paths.ca_cert} (key {paths.ca_key}, mode 0600)")
+    else:
+        print(f"fleet CA: {paths.ca_cert}")
+    for name, hosts in (("broker", args.broker_host), ("fleet", args.fleet_host)):
+        if hosts:
+            cert, key = issue_server_cert(ca, hosts, now)
+            write_pair(paths.cert(name), paths.key(name), cert, key)
+            print(f"{name} certificate for {', '.join(hosts)}: {paths.cert(name)}")
+    print("devices pin the CA at enrollment: set broker.tls = true (and tls.certfile/keyfile")
+    print(f"to {paths.cert('fleet')}/{paths.key('fleet')} for HTTPS); see deploy/README.md")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``fleet serve``: run the fleet manager's HTTP API (uvicorn) with structured JSON logs."""
+"""``fleet serve``: run the fleet manager's HTTP API (uvicorn) with structured JSON logs, over
+HTTPS when ``tls.certfile``/``tls.keyfile`` are set."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ def serve(args: argparse.Namespace) -> int:
     settings = settings_from(args, host=args.host, port=args.port)
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
+    tls = settings.tls
     log.info(
-        "serving on http://%s:%d (docs at /docs)",
+        "serving on %s://%s:%d (docs at /docs)",
+        "https" if tls.certfile else "http",
         settings.host,
         settings.port,
         extra={"environment": settings.environment, "data_dir": str(settings.data_dir)},
@@ -45,5 +48,7 @@ def serve(args: argparse.Namespace) -> int:
         log_config=None,  # keep our JSON handler
         access_log=False,  # fleet.metrics logs one structured line per request
         server_header=False,
+        ssl_certfile=str(tls.certfile) if tls.certfile else None,
+        ssl_keyfile=str(tls.keyfile) if tls.keyfile else None,
     )
     return 0

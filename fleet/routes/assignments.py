@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.auth import Operator, Viewer
-from fleet.dependencies import DB, Context, Now
+from fleet.dependencies import DB, SQLITE_INT_MAX, Context, Now
 from fleet.desired_outbox import DesiredOutbox
 from fleet.desired_state import (
     Assignment,
@@ -36,7 +36,7 @@ class AssignmentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1, max_length=128, description="model name")
-    version: int = Field(ge=1, description="a published version of the model")
+    version: int = Field(ge=1, le=SQLITE_INT_MAX, description="a published version of the model")
     rollback: bool = Field(
         default=False, description="an explicit, signed return to a version older than current"
     )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
 
 from fleet.audit import AuditEntry
 from fleet.auth import Operator
-from fleet.dependencies import Audit
+from fleet.dependencies import Audit, AwareInstant
 from fleet.store import Page
 
 router = APIRouter(prefix="/v1", tags=["audit"])
@@ -22,8 +21,8 @@ def list_audit(
     actor: str | None = None,
     action: Annotated[str | None, Query(description="exact, or a prefix like device.*")] = None,
     target: str | None = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: AwareInstant | None = None,
+    until: AwareInstant | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[AuditEntry]:

@@ -32,7 +32,7 @@ from fleet.dashboard.session import (
     safe_next,
     set_cookie,
 )
-from fleet.dependencies import DB, Context, Now, Tokens
+from fleet.dependencies import DB, Context, Now, Tokens, VersionPath
 from fleet.errors import AuthenticationError
 from fleet.telemetry import TelemetryService
 from fleet.tokens import Principal
@@ -135,7 +135,7 @@ def _cohort_form(model: str, version: int, hours: int, a: str, b: str) -> str:
 @router.get("/drift/{model}/{version}", summary="Drift of one model version over time (viewer)")
 def drift(
     model: str,
-    version: int,
+    version: VersionPath,
     db: DB,
     ctx: Context,
     who: Viewer,

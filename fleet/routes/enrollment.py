@@ -3,6 +3,7 @@ travels in the body, since the device has no credentials yet)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -20,6 +21,9 @@ from fleet.enrollment import (
     EnrollmentTokenSpec,
 )
 from fleet.settings import parse_duration
+from fleet.tls import client_cert_issuer, pinned_ca_pem
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["enrollment"])
 
@@ -103,12 +107,22 @@ def revoke_enrollment_token(
 def enroll(body: EnrollmentRequest, service: Enrollments, ctx: Context, now: Now) -> Enrollment:
     """Trade an enrollment token for a device identity: the device id (also its MQTT username
     and client id), the MQTT password (shown only here), the broker address, the fleet URL and
-    the TUF ``root_json`` to pin (exact bytes as UTF-8 text: write it verbatim)."""
+    the TUF ``root_json`` to pin (exact bytes as UTF-8 text: write it verbatim), and, when the
+    fleet has a TLS CA, ``ca_pem`` to pin and a ``client_cert_pem`` for the ``tls_csr``."""
     settings = ctx.settings
     endpoints = DeviceEndpoints(
         broker_host=settings.broker.host,
         broker_port=settings.broker.port,
         broker_tls=settings.broker.tls,
         fleet_url=settings.base_url,
+        ca_pem=pinned_ca_pem(settings.ca_file),
     )
-    return service.enroll(body, now, ctx.trust_root, endpoints)
+    tls = settings.tls
+    certs = client_cert_issuer(settings.ca_file, settings.ca_key_file, tls.client_cert_days)
+    enrollment = service.enroll(body, now, ctx.trust_root, endpoints, certs)
+    for listener in ctx.enrollment_listeners:
+        try:
+            listener.device_enrolled(enrollment.device_id)
+        except Exception:  # the device is enrolled; a listener failure must not hide that
+            log.exception("enrollment listener failed", extra={"device_id": enrollment.device_id})
+    return enrollment

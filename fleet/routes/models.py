@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.auth import Operator, Viewer
 from fleet.bundle_upload import UploadLimits, receive, remove_tree
-from fleet.dependencies import DB, Context, Now
+from fleet.dependencies import DB, Context, Now, VersionPath
 from fleet.errors import BundleArchiveError, BundleTooLargeError
 from fleet.registry import ModelRegistry, ModelSummary, PublishedRelease, Release, ReleaseService
 
@@ -86,5 +86,5 @@ def list_releases(name: str, db: DB, _: Viewer) -> list[Release]:
 
 
 @router.get("/models/{name}/releases/{version}", summary="One release (viewer)")
-def get_release(name: str, version: int, db: DB, _: Viewer) -> Release:
+def get_release(name: str, version: VersionPath, db: DB, _: Viewer) -> Release:
     return ModelRegistry(db).get(name, version)

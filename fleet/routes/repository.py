@@ -9,8 +9,11 @@
 Both need a device signature (``DeviceAuth``); decommissioned devices are refused. Metadata is
 not secret to TUF (signatures, not secrecy, protect it), but the targets metadata lists every
 model, version and compatible profile of the fleet, and devices sign every request anyway, so
-only enrolled devices may read it. Unknown names and anything that is not a plain path inside
-the repository answer 404.
+only enrolled devices may read it. A target file is served only to a device the fleet has
+assigned its release (an update or a rollback, now or before): another device's release, or one
+never assigned to anyone, answers 403, so a device with stolen-but-valid credentials cannot pull
+every model of the fleet. Unknown names and anything that is not a plain path inside the
+repository answer 404.
 
 This router's lifespan also starts the app's scheduler (:mod:`fleet.scheduler`), which keeps
 the served timestamp fresh.
@@ -25,7 +28,8 @@ from fastapi.responses import FileResponse
 
 from fleet.auth import DeviceAuth
 from fleet.dependencies import Context
-from fleet.errors import RepositoryFileNotFoundError
+from fleet.errors import PermissionDeniedError, RepositoryFileNotFoundError
+from fleet.routes.assignments import DesiredState
 from fleet.scheduler import lifespan as lifespan
 from fleet.tuf_repo import TufRepository
 
@@ -53,13 +57,24 @@ def metadata(name: str, _: DeviceAuth, ctx: Context) -> Response:
     )
 
 
-@router.get("/targets/{path:path}", summary="A target file, with Range (device signature)")
-def target(path: str, _: DeviceAuth, ctx: Context) -> FileResponse:
+@router.get(
+    "/targets/{path:path}",
+    summary="A target file of a release assigned to the device, with Range (device signature)",
+)
+def target(path: str, device: DeviceAuth, ctx: Context, desired: DesiredState) -> FileResponse:
     found = _repo(ctx).target_file(path)
-    if found is None:
+    parts = path.split("/")
+    if found is None or len(parts) < 3 or not parts[1].isdecimal():
         raise RepositoryFileNotFoundError(
             f"no target file {path!r}; target URLs are <model>/<version>/<sha256>.<file> as "
             "listed in the signed targets metadata"
+        )
+    model, version = parts[0], int(parts[1])
+    if not desired.was_assigned(device.id, model, version):
+        raise PermissionDeniedError(
+            f"release {model} v{version} was never assigned to device {device.id}; a device "
+            f"downloads only the releases its desired documents name (assign it with "
+            f"`fleet assign {device.id} --model {model} --version {version}`)"
         )
     digest = found.name.split(".", 1)[0]  # content-addressed: the name starts with its sha256
     return FileResponse(

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.auth import Operator, Viewer
-from fleet.dependencies import DB, AppContext, Context, Now
+from fleet.dependencies import DB, SQLITE_INT_MAX, AppContext, Context, Now
 from fleet.desired_outbox import DesiredOutbox
 from fleet.gates import GateConfig
 from fleet.rollout_plan import RolloutState
@@ -90,7 +90,7 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1, max_length=128)
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=SQLITE_INT_MAX)
     target: TargetBody = Field(default_factory=TargetBody)
     stages: list[StageBody] | None = Field(default=None, min_length=1, max_length=20)
     gates: GatesBody = Field(default_factory=GatesBody)

@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Query
 
 from fleet.auth import Viewer
-from fleet.dependencies import DB, Context, Now
+from fleet.dependencies import DB, Context, Instant, Now, VersionPath
 from fleet.ingest import IngestConfig, Ingester, IngestMetrics
 from fleet.registry import ArtifactStore
 from fleet.telemetry import (
@@ -63,8 +63,8 @@ def get_references(db: DB, ctx: Context) -> RegistryReferences:
 
 Telemetry = Annotated[TelemetryService, Depends(get_telemetry)]
 References = Annotated[RegistryReferences, Depends(get_references)]
-Since = Annotated[datetime | None, Query(description="exclusive; default until - 24h")]
-Until = Annotated[datetime | None, Query(description="inclusive; default now")]
+Since = Annotated[Instant | None, Query(description="exclusive; default until - 24h")]
+Until = Annotated[Instant | None, Query(description="inclusive; default now")]
 
 
 def _range(since: datetime | None, until: datetime | None, now: datetime) -> tuple[float, float]:
@@ -119,7 +119,7 @@ def device_drift(
 )
 def merged_drift(
     model: str,
-    version: int,
+    version: VersionPath,
     telemetry: Telemetry,
     references: References,
     _: Viewer,

@@ -6,8 +6,10 @@ Through the fleet's real serving and signing:
 
 * the stored artifact on the fleet's disk has a flipped byte, or more bytes than its signed
   length (the fleet serves what is on disk: endless data);
-* a desired document signed by an unknown key, published retained on the device's desired topic
-  by an attacker client;
+* a desired document signed with the stolen targets key for a release the fleet never assigned
+  the device: the fleet does not serve its files to that device;
+* a desired document signed by an unknown key, or by the device's own key, published retained
+  on the device's desired topic by an attacker client;
 * a replayed older desired document (the retained payload captured by a subscriber, re-published
   after a newer one was accepted);
 * a downgrade without a signed rollback, and an artifact for another profile, both signed with
@@ -33,6 +35,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from paho.mqtt.enums import CallbackAPIVersion
 from securesystemslib.signer import CryptoSigner, Signer
 
@@ -146,8 +150,11 @@ def victim(stack: Any, kit: Any, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.mark.parametrize("tamper", ["flipped_byte", "extra_bytes"])
 def test_tampered_artifact_on_the_fleets_disk_is_refused(
-    stack: Any, victim: Any, kit: Any, tamper: str
+    stack: Any, devices: Callable[..., Any], kit: Any, tamper: str
 ) -> None:
+    # the fleet serves a release's files only to devices it assigned the release to, so the
+    # operator's own assignment is what fetches the tampered file here
+    victim = devices(stack)
     repo = TufRepository(stack.settings.tuf_dir, {})
     info = repo.get_target(f"{MODEL}/2/model.int8.onnx")
     assert info is not None
@@ -162,13 +169,23 @@ def test_tampered_artifact_on_the_fleets_disk_is_refused(
     seen = stack.seen(victim.id)
     stored.write_bytes(bytes(bad))
     try:
-        publish_retained(
-            stack.broker, desired_topic(victim.id), forge(victim.id, 2, fleet_targets_key(stack))
-        )
+        stack.assign(victim.id, 2)
         end = assert_refused(stack, victim, seen, "verification", 1, kit)
     finally:
         stored.write_bytes(original)
     assert end["from_state"] == "downloading", end
+
+
+def test_release_never_assigned_to_the_device_is_not_served(
+    stack: Any, victim: Any, kit: Any
+) -> None:
+    seen = stack.seen(victim.id)
+    publish_retained(
+        stack.broker, desired_topic(victim.id), forge(victim.id, 2, fleet_targets_key(stack))
+    )
+    # the device's TUF client maps the fleet's 403 to a fatal ReleaseAuthError
+    end = assert_refused(stack, victim, seen, "verification", 1, kit)
+    assert end["from_state"] == "downloading" and "HTTP 403" in end["reason"], end
 
 
 def test_document_signed_by_an_unknown_key_is_refused(stack: Any, victim: Any, kit: Any) -> None:
@@ -176,6 +193,18 @@ def test_document_signed_by_an_unknown_key_is_refused(stack: Any, victim: Any, k
     wire = forge(victim.id, 2, CryptoSigner.generate_ed25519())
     publish_retained(stack.broker, desired_topic(victim.id), wire)
     assert_refused(stack, victim, seen, "bad_signature", 1, kit)
+
+
+def test_document_signed_by_a_device_key_is_refused(stack: Any, victim: Any, kit: Any) -> None:
+    """The device's own key (``device.key``, made at provisioning and trusted by the fleet for
+    the device's requests) is no release key: a document it signs is refused."""
+    device_key = load_pem_private_key((victim.state / "device.key").read_bytes(), password=None)
+    assert isinstance(device_key, Ed25519PrivateKey)
+    seen = stack.seen(victim.id)
+    wire = forge(victim.id, 2, CryptoSigner(device_key))
+    publish_retained(stack.broker, desired_topic(victim.id), wire)
+    end = assert_refused(stack, victim, seen, "bad_signature", 1, kit)
+    assert CryptoSigner(device_key).public_key.keyid[:8] in end["reason"], end
 
 
 def test_artifact_for_another_profile_is_refused(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 import httpx
 import pytest
@@ -98,7 +99,17 @@ def test_every_route_is_guarded_or_public(app: FastAPI) -> None:
         assert any(path == must for _, path, _ in endpoints(app)), must
 
 
-def test_without_a_token_every_guarded_route_is_401(app: FastAPI, http: httpx.Client) -> None:
+def stored(settings: FleetSettings) -> dict[str, list[str]]:
+    """Every table's rows: a refused request changes none (not even a token's last use)."""
+    with closing(sqlite3.connect(settings.db_path)) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(map(repr, db.execute(f'SELECT * FROM "{t}"'))) for t in tables}
+
+
+def test_without_a_token_every_guarded_route_is_401(
+    app: FastAPI, http: httpx.Client, settings: FleetSettings
+) -> None:
+    before = stored(settings)
     checked = 0
     for method, path, _ in endpoints(app):
         if (method, path) in PUBLIC:
@@ -109,11 +120,14 @@ def test_without_a_token_every_guarded_route_is_401(app: FastAPI, http: httpx.Cl
         assert r.json()["detail"], r.text
         checked += 1
     assert checked >= 10
+    assert stored(settings) == before
 
 
 def test_a_viewer_gets_403_on_every_mutating_route(
-    app: FastAPI, http: httpx.Client, viewer: dict[str, str]
+    app: FastAPI, http: httpx.Client, viewer: dict[str, str], settings: FleetSettings
 ) -> None:
+    assert http.get("/v1/whoami", headers=viewer).status_code == 200  # its last use recorded
+    before = stored(settings)
     checked = 0
     for method, path, kinds in endpoints(app):
         if (method, path) in PUBLIC or method not in MUTATING:
@@ -127,6 +141,7 @@ def test_a_viewer_gets_403_on_every_mutating_route(
         assert f"needs the {needed} role" in r.json()["detail"]
         checked += 1
     assert checked >= 5
+    assert stored(settings) == before
 
 
 def test_reads_follow_the_role_hierarchy(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import closing
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +43,16 @@ def enroll_body(token: str, key: Ed25519PrivateKey | None = None, **extra: Any) 
 
 def signed(key: Ed25519PrivateKey, device_id: str, path: str, now: float) -> dict[str, str]:
     return {"Authorization": sign_request(key, device_id, "GET", path, now)}
+
+
+def stored(settings: FleetSettings) -> tuple[list[Any], ...]:
+    """Devices, enrollment tokens and the audit log as stored: a refused enrollment changes
+    none of them."""
+    with closing(sqlite3.connect(settings.db_path)) as db:
+        return tuple(
+            db.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+            for table in ("devices", "enrollment_tokens", "audit")
+        )
 
 
 @pytest.fixture
@@ -99,26 +110,32 @@ def test_enroll_end_to_end(
     ]
 
 
-def test_a_single_use_token_cannot_be_replayed(ready: httpx.Client, admin: dict[str, str]) -> None:
+def test_a_single_use_token_cannot_be_replayed(
+    ready: httpx.Client, admin: dict[str, str], settings: FleetSettings
+) -> None:
     token = new_token(ready, admin)
     assert ready.post("/v1/enroll", json=enroll_body(token["secret"])).status_code == 201
+    before = stored(settings)
     r = ready.post("/v1/enroll", json=enroll_body(token["secret"]))
     assert r.status_code == 401
     assert "used up" in r.json()["detail"] and "fleet enroll-token create" in r.json()["detail"]
+    assert stored(settings) == before
     left = ready.get(f"/v1/enrollment-tokens/{token['id']}", headers=admin).json()
     assert left["uses_left"] == 0
 
 
 def test_an_expired_token_is_refused(
-    ready: httpx.Client, admin: dict[str, str], clock: Any
+    ready: httpx.Client, admin: dict[str, str], clock: Any, settings: FleetSettings
 ) -> None:
     token = new_token(ready, admin, uses=5, expires_in="10m")
     clock.advance(timedelta(minutes=9, seconds=59))
     assert ready.post("/v1/enroll", json=enroll_body(token["secret"])).status_code == 201
     clock.advance(timedelta(seconds=1))
+    before = stored(settings)
     r = ready.post("/v1/enroll", json=enroll_body(token["secret"]))
     assert r.status_code == 401
     assert "expired at" in r.json()["detail"]
+    assert stored(settings) == before  # no device, and the token keeps its 4 uses
 
 
 def test_a_revoked_token_is_refused(ready: httpx.Client, admin: dict[str, str]) -> None:
@@ -134,8 +151,11 @@ def test_a_revoked_token_is_refused(ready: httpx.Client, admin: dict[str, str]) 
 @pytest.mark.parametrize(
     "secret", ["efe_" + "A" * 43, "efo_" + "A" * 43, "", "x" * 256], ids=str.__len__
 )
-def test_forged_tokens_are_refused(ready: httpx.Client, admin: dict[str, str], secret: str) -> None:
+def test_forged_tokens_are_refused(
+    ready: httpx.Client, admin: dict[str, str], secret: str, settings: FleetSettings
+) -> None:
     real = new_token(ready, admin)
+    before = stored(settings)
     r = ready.post("/v1/enroll", json=enroll_body(secret))
     assert r.status_code in (401, 422), r.text
     if r.status_code == 401:
@@ -143,6 +163,7 @@ def test_forged_tokens_are_refused(ready: httpx.Client, admin: dict[str, str], s
     # a near miss of a real token is no better
     r = ready.post("/v1/enroll", json=enroll_body(real["secret"][:-1] + "_"))
     assert r.status_code == 401
+    assert stored(settings) == before
 
 
 def test_concurrent_enrollments_never_exceed_the_uses(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +69,8 @@ def published(repo: TufRepository, http: httpx.Client, operator: dict[str, str])
     return repo
 
 
-@pytest.fixture
-def device(
-    published: TufRepository,
-    http: httpx.Client,
-    admin: dict[str, str],
-    clock: Callable[[], object],
-) -> Device:
+def enroll(http: httpx.Client, admin: dict[str, str], clock: Callable[[], object]) -> Device:
+    """A device enrolled through the real endpoint (profile rpi4-aarch64), with no assignment."""
     token = http.post("/v1/enrollment-tokens", json={"uses": 1}, headers=admin).json()["secret"]
     key = Ed25519PrivateKey.generate()
     r = http.post(
@@ -88,6 +85,29 @@ def device(
     assert r.status_code == 201, r.text
     got = r.json()
     return Device(got["device_id"], key, got["root_json"].encode(), clock)
+
+
+def assign(http: httpx.Client, operator: dict[str, str], device: Device, version: int) -> None:
+    r = http.post(
+        f"/v1/devices/{device.id}/assignment",
+        json={"model": "pdm-classifier", "version": version},
+        headers=operator,
+    )
+    assert r.status_code == 201, r.text
+
+
+@pytest.fixture
+def device(
+    published: TufRepository,
+    http: httpx.Client,
+    admin: dict[str, str],
+    operator: dict[str, str],
+    clock: Callable[[], object],
+) -> Device:
+    """An enrolled device the fleet assigned pdm-classifier v1 (so it may download it)."""
+    enrolled = enroll(http, admin, clock)
+    assign(http, operator, enrolled, 1)
+    return enrolled
 
 
 def client_for(device: Device, live: str, where: Path) -> ReleaseClient:
@@ -276,7 +296,65 @@ def test_an_unchanged_copy_still_verifies_after_a_second_release(
         headers={**operator, "Content-Type": "application/gzip"},
     )
     assert r.status_code == 201, r.text
+    assign(http, operator, device, 2)
     client.refresh()  # new targets/snapshot/timestamp versions verify against the same root
     v2 = client.download_target("pdm-classifier/2/model.int8.tflite", tmp_path / "v2.tflite")
     assert v2.read_bytes() == (BUNDLES / "2" / "model.int8.tflite").read_bytes()
     shutil.rmtree(tmp_path / "meta")
+
+
+def _assignments(settings: FleetSettings) -> list[tuple[object, ...]]:
+    with closing(sqlite3.connect(settings.db_path)) as db:
+        return db.execute("SELECT * FROM assignments ORDER BY device_id, serial").fetchall()
+
+
+def test_another_devices_release_is_not_served(
+    device: Device,
+    live: str,
+    http: httpx.Client,
+    admin: dict[str, str],
+    operator: dict[str, str],
+    published: TufRepository,
+    settings: FleetSettings,
+    clock: Callable[[], object],
+    tmp_path: Path,
+) -> None:
+    r = http.post(
+        "/v1/models",
+        content=pack(BUNDLES / "2"),
+        headers={**operator, "Content-Type": "application/gzip"},
+    )
+    assert r.status_code == 201, r.text
+    other = enroll(http, admin, clock)
+    assign(http, operator, other, 2)  # v2 is the other device's release; `device` has v1
+    before = _assignments(settings)
+    v2 = "pdm-classifier/2/model.int8.tflite"
+    info = published.get_target(v2)
+    assert info is not None
+    target = f"/v1/repository/targets/pdm-classifier/2/{info.hashes['sha256']}.model.int8.tflite"
+    r = http.get(target, headers=device.headers("GET", target))
+    assert r.status_code == 403 and "never assigned to device" in r.text, r.text
+    assert r.content.find((BUNDLES / "2" / "model.int8.tflite").read_bytes()[:64]) == -1
+    # the device's TUF client sees the refusal; it writes nothing
+    client = client_for(device, live, tmp_path / "meta")
+    dest = tmp_path / "v2.tflite"
+    with pytest.raises(ReleaseAuthError):
+        client.download_target(v2, dest)
+    part = dest.with_name("v2.tflite.part")  # the resume file may stay, empty
+    assert not dest.exists() and (not part.exists() or part.stat().st_size == 0)
+    # a device with no assignment at all gets no release either, not even v1
+    fresh = enroll(http, admin, clock)
+    for path in (target, f"/v1/repository/targets/{artifact_url(published)}"):
+        assert http.get(path, headers=fresh.headers("GET", path)).status_code == 403
+    # the releases' owners still get theirs, and nothing was assigned or changed by the refusals
+    r = http.get(target, headers=other.headers("GET", target))
+    assert r.status_code == 200
+    assert r.content == (BUNDLES / "2" / "model.int8.tflite").read_bytes()
+    assert _assignments(settings) == before
+    assert client.download_target(ARTIFACT, tmp_path / "v1.onnx").is_file()
+
+
+def artifact_url(repo: TufRepository) -> str:
+    info = repo.get_target(ARTIFACT)
+    assert info is not None
+    return f"pdm-classifier/1/{info.hashes['sha256']}.model.int8.onnx"

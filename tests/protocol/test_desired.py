@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
@@ -100,6 +101,19 @@ def test_signature_by_an_unknown_key_is_refused() -> None:
         verify_desired(sign_desired(_doc(), OTHER_KEY), ROOT_BYTES, NOW)
     assert _reason(err) == DesiredFailure.BAD_SIGNATURE
     assert "targets role in root v1" in str(err.value)
+
+
+@pytest.mark.parametrize("signer", ["device", "root", "timestamp"])
+def test_signature_by_a_key_that_is_not_a_release_key_is_refused(signer: str) -> None:
+    """A device's own key (made at provisioning, as :mod:`agent.provision` does) or a key of
+    another role in the very root the device trusts cannot sign a desired document: only the
+    targets role's keys release models."""
+    device_key = CryptoSigner(Ed25519PrivateKey.generate())
+    key = {"device": device_key, "root": ROOT_KEY, "timestamp": OTHER_KEY}[signer]
+    with pytest.raises(DesiredDocumentError) as err:
+        verify_desired(sign_desired(_doc(), key), ROOT_BYTES, NOW, device_id="dev-7")
+    assert _reason(err) == DesiredFailure.BAD_SIGNATURE
+    assert key.public_key.keyid[:8] in str(err.value)  # says who signed, and who may
 
 
 def test_key_revoked_by_a_newer_root_is_refused() -> None:
