@@ -50,29 +50,44 @@ class WindowPolicy:
 
     A window closes once it is at least ``window_seconds`` old *and* holds ``min_rows`` rows (the
     verdict's floors assume ~1,000 rows); a quiet device still reports once the window is
-    ``max_window_seconds`` old, with however many rows it has (at least one), and the verdict's
-    bounds widen to match.
+    ``max_window_seconds`` old, with however many rows it has, and the verdict's bounds widen to
+    match.
+
+    Privacy floor: no window of fewer than ``min_report_rows`` rows ever leaves the device (a
+    one-row window's per-feature sums *are* that row's inputs). A quiet device's window stays
+    open past ``max_window_seconds`` until it has that many; a window cut short by a model
+    change or by the agent stopping (:meth:`may_report` false) is dropped instead of sent.
     """
 
     window_seconds: float = 300.0
     min_rows: int = 1000
     max_window_seconds: float = 86400.0
+    min_report_rows: int = 20
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.window_seconds) and self.window_seconds > 0):
             raise DriftError(f"window_seconds={self.window_seconds}: use a positive duration")
         if self.min_rows < 1:
             raise DriftError(f"min_rows={self.min_rows}: use at least 1 row")
+        if self.min_report_rows < 2:
+            raise DriftError(
+                f"min_report_rows={self.min_report_rows}: use at least 2 rows (one row's sums "
+                "are its raw inputs)"
+            )
         if not self.max_window_seconds >= self.window_seconds:
             raise DriftError(
                 f"max_window_seconds={self.max_window_seconds} must be >= window_seconds="
                 f"{self.window_seconds}"
             )
 
+    def may_report(self, rows: int) -> bool:
+        """Whether a window of ``rows`` rows may be sent at all (the privacy floor)."""
+        return rows >= self.min_report_rows
+
     def should_close(self, now: float, window_start: float, rows: int) -> bool:
         """True when the window that began at ``window_start`` and holds ``rows`` should close."""
         age = now - window_start
-        if rows <= 0:
+        if not self.may_report(rows):
             return False
         if age >= self.max_window_seconds:
             return True

@@ -36,7 +36,7 @@ import numpy as np
 
 from agent.errors import AgentError, ModelLoadError
 from agent.latency import BUCKETS, LatencyRecorder, LatencyStats
-from agent.runtimes import Runtime, load_runtime
+from agent.runtimes import Runtime, RuntimeLoader, load_runtime
 from agent.slots import InstalledRelease, Release
 from protocol.drift import DriftSummary
 from protocol.reference import ReferenceProfile
@@ -47,8 +47,12 @@ NAN_POLICIES = ("reject", "allow")
 _F32 = np.dtype(np.float32)
 _NUMBER_TYPES = {int, float}
 _SUM = np.add.reduce
+_DOT = np.vdot
+_clock = time.perf_counter
+_new_tuple = tuple.__new__
 _NDARRAY = np.ndarray
 _SMALL_BATCH_VALUES = 48  # up to this many values the finiteness check sums a Python list
+_DIRECT_ROWS = 32  # the drift buffer hands batches of this many rows on without holding them
 _MAX_ROWS_NAMED = 10  # an error names at most this many offending rows
 
 
@@ -95,23 +99,23 @@ class DriftBuffer:
     """Served batches on their way to the drift accumulator, handed over in blocks.
 
     The accumulator's ``add`` costs microseconds per call whatever the batch size (its checks,
-    its lock), which at batch 1 would be most of the agent's overhead. Here a batch's rows and
-    outputs are copied into two preallocated blocks (a row store each at batch 1); a full block
-    goes to the sink in one call, with the predicted classes (the outputs' argmax) taken once
-    for the block, through the sink's unchecked ``add_trusted`` where it has one (the arrays are
-    the service's own: validated float32 rows, argmax ids). Not thread-safe: the service uses
-    it under the model's lock.
+    its lock, a copy into its block), which at batch 1 would be most of the agent's overhead.
+    Here a served batch costs two ``tobytes`` copies kept in lists (measured cheaper on the hot
+    path than ``ndarray.copy``, than appending to a ``bytearray`` through the buffer protocol,
+    and about as cheap as keeping references, which would leave the caller unable to reuse its
+    array). Once ``limit`` rows are held they are joined, viewed as arrays again and go to the
+    sink in one call, with the predicted classes (the outputs' argmax) taken once for
+    the block, through the sink's unchecked ``add_trusted`` where it has one (validated float32
+    rows, argmax ids). Not thread-safe: the service uses it under the model's lock.
     """
 
     __slots__ = ("sink", "inputs", "outputs", "fill", "limit", "taps", "_sink_add")
 
-    def __init__(
-        self, sink: DriftSink | None, n_features: int, n_classes: int, limit: int = 256
-    ) -> None:
+    def __init__(self, sink: DriftSink | None, limit: int = 256) -> None:
         self.sink = sink  # None: a buffer that only feeds taps (a model without drift)
-        self.inputs = np.empty((limit, n_features), dtype=_F32)
-        self.outputs = np.empty((limit, n_classes), dtype=_F32)
-        self.fill = 0
+        self.inputs: list[bytes] = []  # each held batch's float32 bytes
+        self.outputs: list[bytes] = []  # and its outputs'
+        self.fill = 0  # rows held
         self.limit = limit
         self.taps: tuple[BatchTap, ...] = ()  # get each block after the sink
         self._sink_add: Callable[[np.ndarray, np.ndarray], None] | None = (
@@ -125,35 +129,28 @@ class DriftBuffer:
             return 0
         return self.sink.rows + self.fill
 
-    def add(self, inputs: np.ndarray, outputs: np.ndarray, owned: bool = False) -> None:
-        """Keep a served batch: float32 ``inputs`` [n, features] and the runtime's ``outputs``
-        [n, classes]. Both are copied (into the blocks, or by the sink for a batch as large as
-        a block), so the caller may reuse its arrays; ``owned`` is accepted and not needed."""
+    def add(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        """Keep a copy of a served batch: float32 ``inputs`` [n, features] and ``outputs``
+        [n, classes]; the caller may reuse both arrays afterwards."""
         n = inputs.shape[0]
-        fill = self.fill
-        end = fill + n
-        if end > self.limit:  # does not fit: hand over what is buffered, then this batch
+        if n >= _DIRECT_ROWS:  # a batch this large is a block of its own: no copy into a buffer
             self.flush()
-            if n >= self.limit:
-                self._hand_over(inputs, outputs)
-                return
-            fill, end = 0, n
-        if n == 1:  # a row store: cheaper than slicing both blocks
-            self.inputs[fill] = inputs[0]
-            self.outputs[fill] = outputs[0]
-        else:
-            self.inputs[fill:end] = inputs
-            self.outputs[fill:end] = outputs
-        self.fill = end
-        if end == self.limit:
+            self._hand_over(inputs, outputs)
+            return
+        self.inputs.append(inputs.tobytes())
+        self.outputs.append(outputs.tobytes())
+        self.fill += n
+        if self.fill >= self.limit:
             self.flush()
 
     def flush(self) -> None:
         fill = self.fill
         if not fill:
             return
-        self.fill = 0
-        self._hand_over(self.inputs[:fill], self.outputs[:fill])
+        inputs = np.frombuffer(b"".join(self.inputs), dtype=_F32).reshape(fill, -1)
+        outputs = np.frombuffer(b"".join(self.outputs), dtype=_F32).reshape(fill, -1)
+        self.inputs, self.outputs, self.fill = [], [], 0
+        self._hand_over(inputs, outputs)
 
     def _hand_over(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
         predicted = outputs.argmax(1)
@@ -206,13 +203,16 @@ class LoadedModel:
     loaded_at: float  # wall clock
     state: ModelState = field(init=False)
     n_features: int = field(init=False)
+    run: Callable[[np.ndarray], np.ndarray] = field(init=False)
+    labels: tuple[str, int, tuple[str, ...]] = field(init=False)  # an InferenceResult's tail
 
     def __post_init__(self) -> None:
-        n_features = len(self.installed.release.feature_names)
-        n_classes = len(self.installed.release.class_names)
-        buffer = None if self.drift is None else DriftBuffer(self.drift, n_features, n_classes)
+        buffer = None if self.drift is None else DriftBuffer(self.drift)
         object.__setattr__(self, "state", ModelState(buffer))
-        object.__setattr__(self, "n_features", n_features)
+        object.__setattr__(self, "n_features", len(self.installed.release.feature_names))
+        object.__setattr__(self, "run", self.runtime.run)  # bound once: called per request
+        r = self.installed.release
+        object.__setattr__(self, "labels", (r.name, r.version, r.class_names))
 
     @property
     def release(self) -> Release:
@@ -224,9 +224,11 @@ def load_model(
     threads: int,
     drift_factory: DriftFactory | None = None,
     now: float | None = None,
+    loader: RuntimeLoader = load_runtime,
 ) -> LoadedModel:
     """Load a slot's artifact in its runtime (and a drift accumulator on its reference profile).
 
+    ``loader`` turns the file into a runtime (a simulator shares one runtime per artifact).
     Raises :class:`~agent.errors.ModelLoadError` when the artifact does not fit the release's
     feature and class counts.
     """
@@ -242,7 +244,7 @@ def load_model(
                 f"{len(release.feature_names)}; reinstall the model",
             )
         drift = drift_factory(reference)
-    runtime = load_runtime(path, release.runtime, threads)
+    runtime = loader(path, release.runtime, threads)
     widths = (runtime.input.shape[1], runtime.output.shape[1])
     if widths != (len(release.feature_names), len(release.class_names)):
         runtime.close()
@@ -394,7 +396,7 @@ class InferenceService:
         st = model.state
         with st.lock:
             if st.drift is None:
-                st.drift = DriftBuffer(None, model.n_features, len(model.release.class_names))
+                st.drift = DriftBuffer(None)
             else:
                 st.drift.flush()
             st.drift.taps = (*st.drift.taps, tap)
@@ -450,24 +452,6 @@ class InferenceService:
             "install BUNDLE_DIR`, or wait for the fleet's first release"
         )
 
-    def _validate(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        # the fast path: a float32 ndarray of the right width and size, finite (or allowed not
-        # to be); everything else, including a failed finiteness check, takes the full checks
-        if batch.__class__ is _NDARRAY and batch.dtype is _F32:
-            shape = batch.shape
-            if len(shape) == 2 and shape[1] == model.n_features and 0 < shape[0] <= self.max_rows:
-                if not self._reject_nan:
-                    return batch
-                # a Python float (float64) sum of float32 values cannot overflow, so it is
-                # finite iff every value is; for a few values tolist + sum beats a numpy
-                # reduction (call overhead), for more the float32 reduction wins
-                if batch.size <= _SMALL_BATCH_VALUES:
-                    if math.isfinite(sum(batch.ravel().tolist())):
-                        return batch
-                elif math.isfinite(_SUM(batch, axis=None)):
-                    return batch
-        return self._validate_fully(model, batch)
-
     def _validate_fully(self, model: LoadedModel, batch: np.ndarray) -> np.ndarray:
         if not isinstance(batch, np.ndarray):
             raise InputError(400, f"batch is a {type(batch).__name__}; pass rows of numbers")
@@ -504,9 +488,10 @@ class InferenceService:
         return batch
 
     def predict(self, batch: np.ndarray, owned: bool = False) -> InferenceResult:
-        """Run ``batch`` [rows, features] through the active model. ``owned``: the caller
-        hands the array over and will not change it (spares the drift feed a copy)."""
-        start = time.perf_counter()
+        """Run ``batch`` [rows, features] through the active model. ``owned`` (the caller hands
+        the array over) is accepted and changes nothing: the drift feed copies every batch's
+        bytes, which costs less than keeping references would (see :class:`DriftBuffer`)."""
+        start = _clock()
         while True:
             model = self._model
             if model is None:
@@ -518,8 +503,29 @@ class InferenceService:
                     break
             # swapped out a moment ago: the new model is already in self._model
         try:
-            x = self._validate(model, batch)
-            outputs = model.runtime.predict(x)
+            # The common request inline (a method call is a visible share of a batch-1 call):
+            # a float32 ndarray of the right width and size, finite (or allowed not to be).
+            # Everything else, a failed finiteness check included, takes the full checks.
+            x = batch
+            shape = batch.shape if batch.__class__ is _NDARRAY and batch.dtype is _F32 else ()
+            if not (
+                len(shape) == 2
+                and shape[1] == model.n_features
+                and 0 < shape[0] <= self.max_rows
+                and (
+                    not self._reject_nan
+                    # float64 sum of float32 values cannot overflow: finite iff all are; for
+                    # a few values a Python sum beats any numpy call, for more a BLAS dot
+                    # (its float32 sum of squares may overflow: the full check tells apart)
+                    or math.isfinite(
+                        sum(batch.ravel().tolist())
+                        if batch.size <= _SMALL_BATCH_VALUES
+                        else _DOT(batch, batch)
+                    )
+                )
+            ):
+                x = self._validate_fully(model, batch)
+            outputs = model.run(x)
         except InputError:
             with st.lock:
                 st.rejected += 1
@@ -536,9 +542,9 @@ class InferenceService:
             st.in_flight -= 1
             if st.drift is not None:
                 st.drift.add(x, outputs)
-            st.latency.record(time.perf_counter() - start)
-        release = model.installed.release
-        return InferenceResult(outputs, release.name, release.version, release.class_names)
+            st.latency.record(_clock() - start)
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function
+        return _new_tuple(InferenceResult, (outputs, *model.labels))
 
     def predict_json(self, inputs: object) -> InferenceResult:
         """``predict`` for the ``inputs`` of a JSON request (see :func:`batch_from_json`)."""
@@ -550,7 +556,7 @@ class InferenceService:
                 with model.state.lock:
                     model.state.rejected += 1
             raise
-        return self.predict(batch, owned=True)
+        return self.predict(batch)
 
     # --- figures ------------------------------------------------------------------------------
 

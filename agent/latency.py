@@ -3,8 +3,9 @@
 :class:`LatencyRecorder` keeps the last ``window`` latencies in a ring buffer (quantiles of
 recent traffic: p50/p95/p99 for the health page, the heartbeat and an update's trial) and a
 cumulative fixed-bucket histogram since start (Prometheus' ``_bucket``/``_sum``/``_count``).
-Recording is a list store and two additions; samples are binned into the histogram when the
-ring wraps or someone reads the figures, and sorting happens only on a read. Not thread-safe
+Recording is a list store and an index bump; samples are binned into the histogram (and
+counted and summed) when the ring wraps or someone reads the figures, and sorting happens only
+on a read. Not thread-safe
 on its own: the caller records under its lock.
 """
 
@@ -56,8 +57,9 @@ class LatencyRecorder:
         if window < 1:
             raise ValueError("window must be at least 1")
         self._ring = [0.0] * window
+        self._size = window
         self._next = 0
-        self._folded = 0  # ring[_folded:_next] are not in the histogram yet
+        self._folded = 0  # ring[_folded:_next] are not in the histogram, count and total yet
         self._count = 0
         self._total = 0.0
         self._buckets = [0] * (len(BUCKETS) + 1)
@@ -66,16 +68,17 @@ class LatencyRecorder:
         i = self._next
         self._ring[i] = seconds
         i += 1
-        if i == len(self._ring):  # the ring wraps: bin what it holds before it is overwritten
+        if i == self._size:  # the ring wraps: bin what it holds before it is overwritten
             self._fold(i)
             i = self._folded = 0
         self._next = i
-        self._count += 1
-        self._total += seconds
 
     def _fold(self, end: int) -> None:
-        for seconds in self._ring[self._folded : end]:
+        new = self._ring[self._folded : end]
+        for seconds in new:
             self._buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self._count += len(new)
+        self._total += sum(new)
         self._folded = end
 
     def stats(self) -> LatencyStats:

@@ -2,10 +2,11 @@
 
 One function per section; ``main`` runs them all (or the ones named with ``--section``).
 Sections: ``drift`` (accumulation rows/s for 32 features, closing a window, merging summaries),
-``predict`` (the agent's predict path at batch 1 and 64 against the bare runtime, interleaved,
-same threads; and over HTTP), ``memory`` (resident memory of a real ``edge-agent run`` with a
-model loaded and connected to a broker, LiteRT and onnxruntime, against a bare process that only
-loads the same model).
+``predict`` (the agent's predict path at batch 1 and 64 against the runtime called the plain
+documented way, interleaved, same options and threads; our runtime wrapper alone; and over HTTP;
+on the sample model and on a wider MLP of the same recipe), ``memory`` (resident memory of a
+real ``edge-agent run`` with a model loaded and connected to a broker, LiteRT and onnxruntime,
+against a bare process that only loads the same model).
 
 Run: ``.venv/bin/python -m bench.agent [--section drift] [--quick]`` (or ``bench/agent.py``).
 Figures depend on the machine and its load; compare the ratios, not the absolute numbers, across
@@ -19,16 +20,21 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if not __package__:  # run as a file, bench/ is on sys.path first and this file shadows `agent`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
-from agent.drift import DriftAccumulator
+from agent.drift import DEFAULT_BLOCK_ROWS, DriftAccumulator
 from protocol.drift import DriftSummary, WindowCounts, count_rows, merge, score, summarize
 from protocol.reference import bin_index, build_reference_profile
+
+if TYPE_CHECKING:
+    from protocol.profiles import FirmwareProfile
 
 SHA = "0" * 64
 
@@ -139,27 +145,99 @@ RUNTIME_PROFILES = {"onnxruntime": "x86_64-gateway", "litert": "rpi4-aarch64"}
 
 
 def _interleaved(
-    a: Callable[[], object], b: Callable[[], object], calls: int, rounds: int
-) -> tuple[float, float, float, float]:
-    """Per-call seconds of ``a`` and ``b``, measured in alternating rounds so that both see the
-    same machine load: (best wall a, best wall b, best CPU a, best CPU b). The process CPU time
-    is the steadier figure on a shared machine: time spent waiting for a core is not in it."""
-    wall: tuple[list[float], list[float]] = ([], [])
-    cpu: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for i, fn in enumerate((a, b)):
+    fns: list[Callable[[], object]], calls: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Per-call seconds of each of ``fns``, measured in rotating rounds so that all see the same
+    machine load: (best wall time of each, best process CPU time of each). The CPU time is the
+    steadier figure on a shared machine (time spent waiting for a core is not in it), and it
+    counts work any thread of the process does, so work moved off the caller's thread shows."""
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)  # rotate who goes first
+            fn = fns[i]
             c, t = time.process_time(), time.perf_counter()
             for _ in range(calls):
                 fn()
             wall[i].append((time.perf_counter() - t) / calls)
             cpu[i].append((time.process_time() - c) / calls)
-    return min(wall[0]), min(wall[1]), min(cpu[0]), min(cpu[1])
+    return [min(w) for w in wall], [min(c) for c in cpu]
+
+
+def _wide_bundle(root: Path, hidden: tuple[int, int]) -> Path:
+    """A bundle of the sample's recipe with wider hidden layers (a few seconds to build): the
+    same features, classes, exports and quantization, more work per row."""
+    from models import build, mlp
+
+    version = 90
+    build.RECIPES[version] = build.Recipe(
+        version=version,
+        data_seed=1,
+        train_rows=4000,
+        training=mlp.TrainConfig(seed=11, hidden=hidden, epochs=2),
+    )
+    try:
+        files, _ = build.build_bundle(version)
+    finally:
+        del build.RECIPES[version]
+    return build.write_bundle(root, version, files)
+
+
+WIDE_HIDDEN = (512, 256)
 
 
 def bench_predict(quick: bool) -> None:
-    """InferenceService.predict (validation, runtime, argmax, drift feed, counters, latency)
-    against runtime.predict on the same artifact, same thread count, interleaved; then the same
-    over HTTP with the Python client (keep-alive)."""
+    """InferenceService.predict (validation, runtime, counters, latency, drift feed) against the
+    runtime called the plain documented way (``InferenceSession.run([output], {input: x})``;
+    LiteRT ``set_tensor``/``invoke``/``get_tensor`` on an interpreter sized for the batch, as
+    :func:`bench.runtime.bare_predictor` does) with the same options and threads, interleaved;
+    beside it our runtime wrapper's ``run`` alone and the same over HTTP with the Python client
+    (keep-alive). On the sample model, then on a wider MLP of the same recipe, which shows how
+    the agent's fixed per-call cost compares with a model that does more work."""
+    import logging
+    import tempfile
+
+    from firmware_profiles import load_profile
+
+    logging.getLogger("models").setLevel(logging.WARNING)
+    # many short rounds: the best round of each path is the one the machine left alone
+    rounds = 31 if quick else 101
+    print("== predict path: agent vs bare runtime (same artifact, same threads, interleaved) ==")
+    print(
+        f"{'runtime':12s} {'model':>7s} {'batch':>5s} {'bare us':>8s} {'run us':>7s} "
+        f"{'agent us':>9s} {'svc us':>7s} {'overhead':>9s} {'ratio':>6s} {'cpu':>6s} "
+        f"{'no drift':>9s} {'http us':>8s} {'http':>7s}"
+    )
+    with tempfile.TemporaryDirectory() as build_dir:
+        bundles = [("sample", BUNDLE), ("wide", _wide_bundle(Path(build_dir), WIDE_HIDDEN))]
+        for model_name, bundle in bundles:
+            for runtime, profile_name in RUNTIME_PROFILES.items():
+                profile = load_profile(profile_name)
+                _bench_predict_one(model_name, bundle, runtime, profile, rounds)
+    print(
+        "(bare: the runtime's documented call; run: our runtime wrapper's run() alone, the "
+        "call the agent makes (onnxruntime: the session's binding with one reused RunOptions, "
+        "cheaper than the documented call; LiteRT: the interpreter's C++ wrapper under a lock); "
+        "agent: InferenceService.predict with a drift accumulator, the caller keeping its array "
+        "(every row copied and binned; each timed round holds whole 1,024-row drift blocks); "
+        "svc: agent - run, the service's own cost per call; overhead: agent - bare, wall "
+        "microseconds per call; ratio: best wall time agent / bare, target <= 1.2x at batch 1; "
+        "cpu: the same in process CPU time; no drift: the cpu ratio without the drift feed; "
+        "http: a keep-alive AgentClient round trip, as a multiple of bare. wide: hidden layers "
+        f"{WIDE_HIDDEN} "
+        "instead of (32, 16).)"
+    )
+
+
+def _bench_predict_one(
+    model_name: str,
+    bundle: Path,
+    runtime: str,
+    profile: FirmwareProfile,
+    rounds: int,
+) -> None:
+    """One row per batch size of :func:`bench_predict`."""
     import tempfile
 
     from agent.bundle_install import install_bundle
@@ -167,78 +245,60 @@ def bench_predict(quick: bool) -> None:
     from agent.config import Listen
     from agent.http_server import predict_server
     from agent.inference import InferenceService, load_model
-    from agent.runtimes import Runtime, load_runtime
     from agent.slots import Slots
-    from firmware_profiles import load_profile
+    from bench.runtime import bare_predictor
     from protocol.golden import GoldenSet
 
-    # many short rounds: the best round of each path is the one the machine left alone
-    rounds = 31 if quick else 101
-    print("== predict path: agent vs bare runtime (same artifact, same threads, interleaved) ==")
-    print(
-        f"{'runtime':12s} {'batch':>5s} {'bare us':>9s} {'agent us':>9s} {'overhead':>9s} "
-        f"{'ratio':>6s} {'cpu':>7s} {'no drift':>9s} {'http us':>9s} {'http':>8s}"
-    )
-    for runtime, profile_name in RUNTIME_PROFILES.items():
-        profile = load_profile(profile_name)
-        threads = profile.inference_threads
-        with tempfile.TemporaryDirectory() as tmp:
-            installed = install_bundle(BUNDLE, Slots(Path(tmp)), profile).installed
-            service = InferenceService(max_rows=1024)
-            service.swap(load_model(installed, threads, DriftAccumulator))
-            plain = InferenceService(max_rows=1024)  # the same without the drift feed
-            plain.swap(load_model(installed, threads))
-            bare = load_runtime(installed.artifact_path, installed.release.runtime, threads)
-            server = predict_server(Listen("127.0.0.1", 0), service, 16 * 1024 * 1024)
-            server.start()
-            client = AgentClient(server.url)
-            golden = GoldenSet.from_json(installed.file(installed.release.golden).read_bytes())
-            try:
-                for batch in (1, 64):
-                    x = np.ascontiguousarray(
-                        np.resize(golden.inputs, (batch, golden.n_features)), dtype=np.float32
-                    )
-                    calls = 200 if batch == 1 else 25
-                    for _ in range(50):  # warm up every path (allocations, tensor resizes)
-                        bare.predict(x)
-                        service.predict(x)
-                        plain.predict(x)
+    threads = profile.inference_threads
+    with tempfile.TemporaryDirectory() as tmp:
+        installed = install_bundle(bundle, Slots(Path(tmp)), profile).installed
+        service = InferenceService(max_rows=1024)
+        service.swap(load_model(installed, threads, DriftAccumulator))
+        plain = InferenceService(max_rows=1024)  # the same without the drift feed
+        plain.swap(load_model(installed, threads))
+        model = service.current()
+        assert model is not None
+        ours = model.runtime
+        server = predict_server(Listen("127.0.0.1", 0), service, 16 * 1024 * 1024)
+        server.start()
+        client = AgentClient(server.url)
+        golden = GoldenSet.from_json(installed.file(installed.release.golden).read_bytes())
+        try:
+            for batch in (1, 64):
+                x = np.ascontiguousarray(
+                    np.resize(golden.inputs, (batch, golden.n_features)), dtype=np.float32
+                )
+                bare = bare_predictor(installed.artifact_path, runtime, threads, batch)
+                np.testing.assert_allclose(service.predict(x).outputs, bare(x), atol=1e-6)
+                # whole drift blocks per round (1,024 rows by default), so that every round
+                # carries the same share of the block work: a round of fewer rows would let
+                # the best round be one that binned nothing
+                calls = DEFAULT_BLOCK_ROWS // batch
+                fns: list[Callable[[], object]] = [
+                    partial(f, x) for f in (bare, ours.run, service.predict, plain.predict)
+                ]
+                for _ in range(50):  # warm up every path (allocations, tensor resizes)
+                    for fn in fns:
+                        fn()
+                rows = x.tolist()
 
-                    def run_bare(x: np.ndarray = x, rt: Runtime = bare) -> object:
-                        return rt.predict(x)
+                def run_http(rows: list[list[float]] = rows, c: AgentClient = client) -> None:
+                    for _ in range(20):
+                        c.predict(rows)
 
-                    def run_agent(x: np.ndarray = x, svc: InferenceService = service) -> object:
-                        return svc.predict(x)
-
-                    def run_plain(x: np.ndarray = x, svc: InferenceService = plain) -> object:
-                        return svc.predict(x)
-
-                    rows = x.tolist()
-
-                    def run_http(rows: list[list[float]] = rows, c: AgentClient = client) -> None:
-                        for _ in range(20):
-                            c.predict(rows)
-
-                    b, a, cb, ca = _interleaved(run_bare, run_agent, calls, rounds)
-                    _, _, cb2, cp = _interleaved(run_bare, run_plain, calls, rounds)
-                    http = _best_seconds(run_http, max(3, rounds // 4)) / 20
-                    print(
-                        f"{runtime:12s} {batch:5d} {b * 1e6:9.1f} {a * 1e6:9.1f} "
-                        f"{(a - b) * 1e6:8.1f}u {a / b:5.2f}x {ca / cb:6.2f}x "
-                        f"{cp / cb2:8.2f}x {http * 1e6:9.1f} {http / b:7.1f}x"
-                    )
-            finally:
-                client.close()
-                server.stop()
-                service.close()
-                plain.close()
-                bare.close()
-    print(
-        "(ratio: best wall time agent / bare, target <= 1.2x at batch 1; cpu: the same in "
-        "process CPU time; overhead: the agent's own wall microseconds per call; no drift: the "
-        "cpu ratio without the drift feed; http: a keep-alive AgentClient round trip, as a "
-        "multiple of bare.)"
-    )
+                (b, r, a, _), (cb, _, ca, cp) = _interleaved(fns, calls, rounds)
+                http = _best_seconds(run_http, max(3, rounds // 4)) / 20
+                print(
+                    f"{runtime:12s} {model_name:>7s} {batch:5d} {b * 1e6:8.1f} {r * 1e6:7.1f} "
+                    f"{a * 1e6:9.1f} {(a - r) * 1e6:7.1f} {(a - b) * 1e6:8.1f}u {a / b:5.2f}x "
+                    f"{ca / cb:5.2f}x {cp / cb:8.2f}x {http * 1e6:8.1f} {http / b:6.1f}x",
+                    flush=True,
+                )
+        finally:
+            client.close()
+            server.stop()
+            service.close()
+            plain.close()
 
 
 # --- memory of a real agent process -------------------------------------------------------------

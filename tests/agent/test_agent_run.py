@@ -250,7 +250,8 @@ def test_stop_with_broker_down_keeps_every_report(tmp_path: Path) -> None:
     try:
         model = agent.service.current()
         assert model is not None and model.release.runtime == "litert"
-        agent.service.predict(golden_rows(10).astype(np.float32))
+        # above the privacy floor (WindowPolicy.min_report_rows): the cut-short window is sent
+        agent.service.predict(golden_rows(25).astype(np.float32))
     finally:
         agent.stop()
     agent.stop()  # a second stop is harmless
@@ -259,7 +260,7 @@ def test_stop_with_broker_down_keeps_every_report(tmp_path: Path) -> None:
     kinds = [r.topic.rsplit("/", 2)[-2:] for r in rows]
     assert ["telemetry", "heartbeat"] in kinds and ["telemetry", "drift"] in kinds
     drift_row = next(r for r in rows if r.topic.endswith("drift"))
-    assert parse_message(drift_row.topic, drift_row.payload).body.counts.n == 10
+    assert parse_message(drift_row.topic, drift_row.payload).body.counts.n == 25
 
 
 def test_unreadable_model_is_a_health_problem(tmp_path: Path, broker: MosquittoBroker) -> None:

@@ -207,8 +207,10 @@ def test_block_rows_must_be_positive() -> None:
         (300.0, 999, False),  # old enough, too few rows: the window grows
         (300.0, 1000, True),
         (5000.0, 10, False),
-        (86400.0, 1, True),  # a quiet device still reports once a day
-        (90000.0, 0, False),  # but never an empty window
+        (86400.0, 20, True),  # a quiet device still reports once a day
+        (90000.0, 19, False),  # but never under the privacy floor (the window stays open)
+        (90000.0, 1, False),  # one row's sums are its raw inputs
+        (90000.0, 0, False),
     ],
 )
 def test_window_policy(now: float, rows: int, closes: bool) -> None:
@@ -222,6 +224,7 @@ def test_window_policy(now: float, rows: int, closes: bool) -> None:
         {"window_seconds": 0.0},
         {"window_seconds": math.inf},
         {"min_rows": 0},
+        {"min_report_rows": 1},
         {"window_seconds": 600.0, "max_window_seconds": 60.0},
     ],
 )

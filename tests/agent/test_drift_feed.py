@@ -35,22 +35,29 @@ def _summary(acc: DriftAccumulator) -> dict[str, object]:
     return acc.close_window(0.0, 1.0, *META).to_dict()
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("sizes", [[1] * 300, [64] * 9, [1, 7, 256, 3, 300, 1, 50], [1000]])
-def test_buffered_trusted_feed_counts_what_add_counts(sizes: list[int]) -> None:
+def test_buffered_trusted_feed_counts_what_add_counts(sizes: list[int], strided: bool) -> None:
     ref = _reference()
     x, outputs = _data(sum(sizes))
     checked = DriftAccumulator(ref, block_rows=128)
     trusted = DriftAccumulator(ref, block_rows=128)
-    buffer = DriftBuffer(trusted, n_features=5, n_classes=2, limit=64)
+    buffer = DriftBuffer(trusted, limit=64)
     start = 0
     for n in sizes:
         batch = x[start : start + n].copy()
-        checked.add(batch, outputs[start : start + n].argmax(1))
-        buffer.add(batch, outputs[start : start + n])
-        batch[:] = 99.0  # the caller reuses its array: the buffer kept a copy
+        out = outputs[start : start + n].copy()
+        if strided:  # views without a flat buffer (a column slice, a transpose) are copied too
+            batch = np.repeat(batch, 2, axis=1)[:, ::2]
+            out = np.ascontiguousarray(out.T).T
+        checked.add(batch, out.argmax(1))
+        buffer.add(batch, out)
+        batch[:] = 99.0  # the caller reuses its arrays: the buffer kept a copy
+        out[:] = 0.0
         start += n
         assert buffer.rows == checked.rows == start
     buffer.flush()
+    assert buffer.rows == start and not buffer.inputs and not buffer.outputs
     assert _summary(trusted) == _summary(checked)
 
 

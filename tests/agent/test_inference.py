@@ -164,6 +164,32 @@ def test_counters_latency_and_drift(tmp_path: Path) -> None:
     assert svc.drift_rows() == 0
 
 
+def test_drift_window_counts_rows_as_served_from_a_reused_array(
+    service: InferenceService,
+) -> None:
+    """The drift feed copies: a caller refilling one array between calls (small batches held
+    in the buffer, large ones handed on) gets each row counted as it was served."""
+    model = service.current()
+    assert model is not None and isinstance(model.drift, DriftAccumulator)
+    rows = golden_inputs(model).astype(np.float32)
+    rng = np.random.default_rng(5)
+    oracle = DriftAccumulator(model.drift.reference)
+    reused = np.empty((64, rows.shape[1]), np.float32)
+    for n in [1] * 300 + [64, 7, 33, 1, 64]:
+        batch = reused[:n]
+        batch[:] = rows[rng.integers(0, len(rows), n)] * np.float32(rng.uniform(0.5, 2.0))
+        served = batch.copy()
+        outputs = service.predict(batch).outputs
+        oracle.add(served, outputs.argmax(1))
+        reused[:] = np.nan  # the caller's next use of its array changes nothing served
+    assert service.drift_rows() == oracle.rows == 300 + 64 + 7 + 33 + 1 + 64
+    summary = service.close_drift_window(0.0, 1.0)
+    assert summary is not None
+    r = model.release
+    expected = oracle.close_window(0.0, 1.0, r.name, r.version, r.files[r.reference])
+    assert summary.to_dict() == expected.to_dict()
+
+
 def test_no_model(tmp_path: Path) -> None:
     svc = InferenceService()
     with pytest.raises(NoModelError, match="edge-agent model install"):

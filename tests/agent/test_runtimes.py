@@ -163,6 +163,10 @@ def test_committed_artifact_passes_its_golden_set(
     full = rt.predict(x)
     for n in (1, 33, 5, 1, 0, 17):
         np.testing.assert_allclose(rt.predict(x[:n]), full[:n], rtol=1e-5, atol=1e-6)
+    # run(), the inference service's unchecked call, gives the same, between resizes too
+    for n in (33, 1, 1, 5):
+        np.testing.assert_allclose(rt.run(x[:n]), full[:n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rt.predict(x[: n + 1]), full[: n + 1], rtol=1e-5, atol=1e-6)
     # Layouts and dtypes the runtime gets through the slow path or takes as they are.
     for batch in (
         np.asfortranarray(x),
@@ -273,15 +277,17 @@ def test_bad_batches_say_what_is_wrong(onnx_path: Path, batch: np.ndarray, messa
 def test_closed_runtime_says_so(onnx_path: Path, rows: np.ndarray) -> None:
     with OnnxRuntime(onnx_path, 1) as rt:
         rt.predict(rows[:1])
-    with pytest.raises(InferenceError, match=r"softmax\.onnx: the model was closed; load it"):
-        rt.predict(rows[:1])
+    for call in (rt.predict, rt.run):
+        with pytest.raises(InferenceError, match=r"softmax\.onnx: the model was closed; load it"):
+            call(rows[:1])
     tflite = _first("litert")
     with LiteRtRuntime(tflite, 1) as lite:
         x = np.zeros((2, lite._features), np.float32)
         lite.predict(x)
     for batch in (x, x[:1]):  # same size, and a size that would resize
-        with pytest.raises(InferenceError, match=rf"{tflite.name}: the model was closed; load"):
-            lite.predict(batch)
+        for call in (lite.predict, lite.run):
+            with pytest.raises(InferenceError, match=rf"{tflite.name}: the model was closed; load"):
+                call(batch)
 
 
 # --- bad files --------------------------------------------------------------------------------

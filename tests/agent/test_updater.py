@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import http.server
 import itertools
+import json
 import os
 import re
 import signal
@@ -52,7 +53,7 @@ from fleet.tuf_repo import TufRepository
 from protocol.bundle import BundleMetadata, HealthThresholds
 from protocol.desired import DesiredDocument, sign_desired
 from protocol.golden import GoldenSet
-from protocol.messages import UpdateBody
+from protocol.messages import ModelRef, UpdateBody
 from protocol.release import release_targets
 
 BUNDLES = Path(__file__).resolve().parents[2] / "models" / "bundles" / "pdm-classifier"
@@ -598,6 +599,27 @@ def test_attacks_are_refused_with_their_reason(device: Device, fleet: Fleet, att
     assert device.active_version() == 1 and device.serving_version() == 1
     assert device.transitions()[-1][1] == "failed"
     assert -1 not in device.served
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"model": "x" * 200, "model_version": 2**70, "serial": 2**80},
+        {"model": "bad\nname", "model_version": -3, "serial": "7", "rollback": "yes"},
+        {"model": ["pdm"], "model_version": 1.5},
+    ],
+)
+def test_a_forged_document_with_unreportable_claims_is_refused_and_reported(
+    device: Device, claims: dict[str, object]
+) -> None:
+    """The refusal's report carries what the document claims only where a report can carry it
+    (else ``unknown`` / 0): an attacker cannot keep a refusal from reaching the fleet."""
+    wire = json.dumps({"signatures": [{"keyid": "ab", "sig": "cd"}], "signed": claims}).encode()
+    state, reason = device.run(wire)
+    assert state is S.FAILED and reason.startswith("malformed"), reason
+    assert device.transitions() == [("idle", "failed")]
+    assert device.reports[-1].release == ModelRef("unknown", 0)
+    assert device.active_version() == 1 and device.serving_version() == 1
 
 
 def test_replayed_older_document_is_refused(device: Device, fleet: Fleet) -> None:
