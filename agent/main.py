@@ -13,6 +13,11 @@ resumes at the next start), close the current drift window into the outbox, let 
 what it can within ``telemetry.shutdown_flush_seconds`` and publish the offline state, close the
 outbox, close the model.
 
+A simulator hosting many agents in one process passes a ``runtime_loader`` (one runtime per
+artifact shared among them), a shared ``scheduler`` (each agent's jobs named after its device),
+``serve_http=False`` (it calls the inference service directly) and the firmware ``profile``
+(its latency budget widened: hundreds of agents share its cores); a device uses the defaults.
+
 It gathers the figures the parts report (psutil for the process and the disk) for the heartbeat
 and the health snapshot; it contains no logic of its own beyond wiring. Nothing here runs at
 import time, and nothing heavy is imported until ``start`` needs it (the runtime library of the
@@ -25,7 +30,6 @@ import hashlib
 import logging
 import os
 import shutil
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +55,7 @@ from agent.inference import InferenceService, LoadedModel, load_model
 from agent.mqtt_link import LinkConfig, MqttLink
 from agent.outbox import Outbox
 from agent.reporter import PeriodicJob, Reporter, start_periodic
+from agent.runtimes import RuntimeLoader, load_runtime
 from agent.slots import Slots
 from agent.update_states import TERMINAL
 from agent.update_store import UpdateStore
@@ -102,10 +107,14 @@ class Agent:
         *,
         update_status: UpdateStatusSource | None = None,
         clock: Callable[[], float] = time.time,
+        runtime_loader: RuntimeLoader = load_runtime,
+        scheduler: Any = None,
+        serve_http: bool = True,
+        profile: FirmwareProfile | None = None,
     ) -> None:
         self.config = config
         self.paths = config.paths
-        self.profile: FirmwareProfile = load_profile(config.device.profile)
+        self.profile: FirmwareProfile = profile or load_profile(config.device.profile)
         self.slots = Slots(self.paths.slots)
         self.service = InferenceService(config.http.nan_policy, config.http.max_batch_rows)
         self.window_policy = WindowPolicy(
@@ -114,6 +123,11 @@ class Agent:
             max_window_seconds=max(86400.0, config.telemetry.drift_window_seconds),
         )
         self._update_status = update_status
+        # a simulator hosting many agents in one process shares runtimes and one scheduler
+        # (apscheduler's BackgroundScheduler) among them, and feeds the inference service directly
+        self._runtime_loader = runtime_loader
+        self._shared_scheduler = scheduler
+        self._serve_http = serve_http
         self.model_error: str | None = None  # why the active slot's model could not be loaded
         self._clock = clock
         self._process = psutil.Process()
@@ -156,10 +170,11 @@ class Agent:
         self.outbox = Outbox(
             self.paths.db, config.device.id, max_rows=config.telemetry.outbox_max_rows
         )
-        self.predict_http = predict_server(
-            config.http.predict_listen, self.service, config.http.max_body_bytes
-        )
-        self.health_http = health_server(config.http.health_listen, self.snapshot)
+        if self._serve_http:
+            self.predict_http = predict_server(
+                config.http.predict_listen, self.service, config.http.max_body_bytes
+            )
+            self.health_http = health_server(config.http.health_listen, self.snapshot)
         self.update_store = UpdateStore(self.paths.db)
         self.link = MqttLink(self._link_config(), self.outbox, self._state)
         self.reporter = Reporter(self.outbox, self.link)
@@ -168,23 +183,27 @@ class Agent:
             log.info("update of %s v%d was left in %s", record.model, record.version, record.state)
             self._start_update_engine()  # it resumes or reverts the update
         self.link.subscribe(device_topic(config.device.id, TopicKind.DESIRED), self._on_desired)
-        self.predict_http.start()
-        self.health_http.start()
+        for server in (self.predict_http, self.health_http):
+            if server is not None:  # None when serve_http is off
+                server.start()
         self.link.start()
         telemetry = config.telemetry
         check_every = max(1.0, min(60.0, telemetry.drift_window_seconds / 5))
         self._scheduler = start_periodic(
             [
-                PeriodicJob("heartbeat", telemetry.heartbeat_seconds, self.heartbeat, True),
-                PeriodicJob("drift-window", check_every, self.close_drift_window),
-            ]
+                PeriodicJob(
+                    self._job("heartbeat"), telemetry.heartbeat_seconds, self.heartbeat, True
+                ),
+                PeriodicJob(self._job("drift-window"), check_every, self.close_drift_window),
+            ],
+            self._shared_scheduler,
         )
         log.info(
             "agent %s running as %s: predict on %s, health on %s, broker %s:%d",
             agent_version(),
             config.device.id,
-            self.predict_http.url,
-            self.health_http.url,
+            self.predict_http.url if self.predict_http else "(off)",
+            self.health_http.url if self.health_http else "(off)",
             config.mqtt.host,
             config.mqtt.port,
         )
@@ -195,7 +214,11 @@ class Agent:
             return
         self._stopped = True
         self._close_servers()
-        if self._scheduler is not None:
+        if self._scheduler is self._shared_scheduler and self._scheduler is not None:
+            for name in ("heartbeat", "drift-window"):
+                if self._scheduler.get_job(self._job(name)) is not None:
+                    self._scheduler.remove_job(self._job(name))
+        elif self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
         if self.updater is not None:
             self.updater.stop()
@@ -221,9 +244,14 @@ class Agent:
             if server is not None:
                 server.stop()
 
+    def _job(self, name: str) -> str:
+        # a shared scheduler holds every hosted agent's jobs: their ids must not collide
+        return name if self._shared_scheduler is None else f"{self.config.device.id}/{name}"
+
     def _link_config(self) -> LinkConfig:
+        from agent.tls import mqtt_context
+
         mqtt = self.config.mqtt
-        tls = ssl.create_default_context(cafile=mqtt.ca_file or None) if mqtt.tls else None
         return LinkConfig(
             device_id=self.config.device.id,
             host=mqtt.host,
@@ -231,7 +259,7 @@ class Agent:
             username=mqtt.username,
             password=mqtt.password,
             keepalive=mqtt.keepalive,
-            tls_context=tls,
+            tls_context=mqtt_context(mqtt),
         )
 
     # --- the model ----------------------------------------------------------------------------
@@ -249,7 +277,12 @@ class Agent:
                 )
                 self.model_error = None
                 return None
-            model = load_model(installed, self.profile.inference_threads, DriftAccumulator)
+            model = load_model(
+                installed,
+                self.profile.inference_threads,
+                DriftAccumulator,
+                loader=self._runtime_loader,
+            )
         except (AgentError, OSError) as exc:
             self.model_error = str(exc)
             log.error("cannot load the active model: %s", exc)
@@ -297,6 +330,7 @@ class Agent:
 
     def _build_updater(self) -> Any:
         from agent.provision import load_private_key
+        from agent.tls import https_context
         from agent.tuf_client import DeviceFetcher, ReleaseClient
         from agent.updater import PauseHook, Updater, UpdaterConfig
         from protocol.device_auth import sign_request
@@ -312,7 +346,7 @@ class Agent:
             self.paths.trust_dir / "metadata",
             self.paths.root_json.read_bytes(),
             self.config.device.fleet_url.rstrip("/") + "/v1/repository",
-            DeviceFetcher(auth=auth),
+            DeviceFetcher(auth=auth, ssl_context=https_context(self.config.device)),
         )
         return Updater(
             store=self.update_store,
@@ -326,6 +360,7 @@ class Agent:
                 downloads_dir=self.paths.root / "downloads",
                 threads=self.profile.inference_threads,
                 pause=PauseHook.from_env(os.environ),
+                runtime_loader=self._runtime_loader,
             ),
             drift_factory=DriftAccumulator,
         )
@@ -420,24 +455,40 @@ class Agent:
         )
         self.reporter.report_heartbeat(body, now)
 
+    def _reportable(self, model: LoadedModel, policy: WindowPolicy) -> bool:
+        rows = self.service.drift_rows(model)
+        if rows and not policy.may_report(rows):
+            log.info(
+                "drift window of %d rows dropped: fewer than %d rows never leave the device",
+                rows,
+                policy.min_report_rows,
+            )
+        return policy.may_report(rows)
+
     def close_drift_window(self, force: bool = False) -> DriftSummary | None:
-        """Close and report the drift window when the policy says so (or ``force``, if it holds
-        any rows); a periodic job, and the last step before the link stops. When the served
-        model changed (an update or a rollback) the old model's window ends at once."""
+        """Close and report the drift window when the policy says so (or ``force``); a periodic
+        job, and the last step before the link stops. When the served model changed (an update
+        or a rollback) the old model's window ends at once. A window ended early (``force``, a
+        model change) with fewer rows than the policy's privacy floor is dropped, not sent."""
         assert self.reporter is not None
         with self._window_lock:
             now = self._clock()
             model, current = self._window_model, self.service.current()
             start = self._window_start
+            policy = self.window_policy
             if model is not current:
                 self._window_model, self._window_start = current, now
-                if model is None or not self.service.drift_rows(model):
+                if model is None or not self._reportable(model, policy):
                     return None
             elif model is None:
                 return None
             else:
                 rows = self.service.drift_rows(model)
-                due = rows > 0 if force else self.window_policy.should_close(now, start, rows)
+                due = (
+                    self._reportable(model, policy)
+                    if force
+                    else policy.should_close(now, start, rows)
+                )
                 if not due:
                     return None
                 self._window_start = now

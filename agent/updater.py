@@ -58,6 +58,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ from agent.errors import AgentError
 from agent.health import UpdateFigures
 from agent.health_check import run_health_check
 from agent.inference import DriftFactory, DriftSink, InferenceService, LoadedModel, load_model
-from agent.runtimes import Runtime, load_runtime
+from agent.runtimes import Runtime, RuntimeLoader, load_runtime
 from agent.shadow import ShadowStats, ShadowTap, ShadowThresholds, evaluate_shadow, median
 from agent.slots import InstalledRelease, Release, SlotError, Slots
 from agent.trial import Continue, Fail, TrialStats, TrialThresholds, evaluate_trial
@@ -91,9 +92,9 @@ from agent.update_store import UpdateStore
 from protocol.canonical import canonical_json
 from protocol.desired import DesiredDocument, verify_desired
 from protocol.drift import DriftSummary
-from protocol.errors import DesiredDocumentError, ProtocolError
+from protocol.errors import DesiredDocumentError, MessageError, ProtocolError
 from protocol.golden import GoldenSet
-from protocol.messages import ModelRef, UpdateBody
+from protocol.messages import MAX_SEQ, ModelRef, UpdateBody
 from protocol.profiles import FirmwareProfile
 from protocol.reference import ReferenceProfile
 from protocol.release import ArtifactTarget, parse_artifact_custom
@@ -138,6 +139,7 @@ class UpdaterConfig:
     shadow_timed_rows: int = 64  # per drain, rows both models are timed on one at a time
     max_attempts: int = MAX_ATTEMPTS
     pause: PauseHook | None = None
+    runtime_loader: RuntimeLoader = load_runtime  # a simulator shares runtimes among agents
 
 
 class TrialTap:
@@ -183,18 +185,25 @@ def _sha256_file(path: Path) -> str:
 
 def _unverified_claim(wire: bytes) -> tuple[str, int, bool, int]:
     """Model, version, rollback and serial as a refused document *claims* them, for the
-    report only (they are not trusted for anything)."""
-    import json
-
-    with contextlib.suppress(Exception):
+    report only (they are not trusted for anything). A claim the report cannot carry (no
+    printable model name of at most 128 characters, no integer in ``[0, 2**63)``) reads as
+    ``unknown`` / 0, so a forged document can never keep its refusal from being reported."""
+    signed: Any = None
+    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError, RecursionError):
         signed = json.loads(wire)["signed"]
-        return (
-            str(signed.get("model") or "unknown")[:200],
-            max(0, int(signed.get("model_version", 0))),
-            bool(signed.get("rollback", False)),
-            max(0, int(signed.get("serial", 0))),
-        )
-    return "unknown", 0, False, 0
+    if not isinstance(signed, dict):
+        return "unknown", 0, False, 0
+
+    def count(key: str) -> int:
+        value = signed.get(key)
+        return value if type(value) is int and 0 <= value <= MAX_SEQ else 0
+
+    claimed: Any = signed.get("model")
+    try:
+        model = ModelRef(claimed, 0).name
+    except MessageError:
+        model = "unknown"
+    return model, count("model_version"), signed.get("rollback") is True, count("serial")
 
 
 class Updater:
@@ -684,7 +693,7 @@ class Updater:
         installed = self._target_slot(record)
         shadow = self._custom(record).health.shadow_samples > 0
         self._drop_candidate()
-        runtime = load_runtime(
+        runtime = self.config.runtime_loader(
             installed.artifact_path, installed.release.runtime, self.config.threads
         )
         try:
@@ -719,7 +728,7 @@ class Updater:
         else:  # after a restart: load it again from the installed slot
             if candidate is not None:
                 candidate[1].close()
-            runtime = load_runtime(
+            runtime = self.config.runtime_loader(
                 installed.artifact_path, installed.release.runtime, self.config.threads
             )
         try:
@@ -748,7 +757,7 @@ class Updater:
         c = self.config
         # a private copy of the active model: the serving one must not be called from here
         # (LiteRT interpreters are not thread-safe), and it times both models on equal terms
-        mirror = load_runtime(active.installed.artifact_path, active.release.runtime, c.threads)
+        mirror = c.runtime_loader(active.installed.artifact_path, active.release.runtime, c.threads)
         tap = ShadowTap(active.n_features, c.shadow_buffer_rows)
         self.service.add_tap(active, tap)
         rows = agreed = 0
@@ -820,7 +829,12 @@ class Updater:
 
     def _activate(self, record: UpdateRecord) -> tuple[UpdateEvent, UpdateRecord]:
         installed = self._target_slot(record)
-        new = load_model(installed, self.config.threads, self._tapped_factory())
+        new = load_model(
+            installed,
+            self.config.threads,
+            self._tapped_factory(),
+            loader=self.config.runtime_loader,
+        )
         current = self.service.current()
         baseline = record.baseline
         if current is not None and current.installed.slot == record.from_slot:
@@ -847,7 +861,7 @@ class Updater:
             return None, False
         try:
             return (
-                load_runtime(
+                self.config.runtime_loader(
                     installed.artifact_path, installed.release.runtime, self.config.threads
                 ),
                 True,
@@ -861,13 +875,21 @@ class Updater:
         if model is None or model.installed.slot != record.to_slot:
             # after a restart: serve the new slot again (its load failing means roll back)
             model = load_model(
-                self._target_slot(record), self.config.threads, self._tapped_factory()
+                self._target_slot(record),
+                self.config.threads,
+                self._tapped_factory(),
+                loader=self.config.runtime_loader,
             )
             old = self.service.swap(model)
             if old is not None:
                 self.service.retire(old)
         elif not isinstance(model.drift, TrialTap) and self._drift_factory is not None:
-            tapped = load_model(model.installed, self.config.threads, self._tapped_factory())
+            tapped = load_model(
+                model.installed,
+                self.config.threads,
+                self._tapped_factory(),
+                loader=self.config.runtime_loader,
+            )
             old = self.service.swap(tapped)
             if old is not None:
                 self.service.retire(old)
@@ -936,7 +958,12 @@ class Updater:
                 if current is not None and current.installed.slot == record.from_slot:
                     previous = current
                 else:
-                    previous = load_model(installed, self.config.threads, self._drift_factory)
+                    previous = load_model(
+                        installed,
+                        self.config.threads,
+                        self._drift_factory,
+                        loader=self.config.runtime_loader,
+                    )
             self.slots.activate(record.from_slot)
             old = self.service.swap(previous)
             self._previous = None

@@ -6,6 +6,12 @@ signs a browser session in with a viewer token and screenshots the page. Fails i
 logs a console error or shows no charts.
 
     .venv/bin/python scripts/screenshot_dashboard.py [--page drift|devices|device] [--out PATH]
+
+With ``--fleet URL --token TOKEN --path /dashboard/...`` it screenshots a page of a running
+fleet instead (the demo prints its URL and a token), e.g. ``docs/demo.png``:
+
+    .venv/bin/python scripts/screenshot_dashboard.py --fleet http://127.0.0.1:8642 \
+        --token efo_... --path /dashboard/rollouts/ro-... --max-height 1500 --out docs/demo.png
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from fleet.alert_service import AlertService  # noqa: E402
 from fleet.app import create_app  # noqa: E402
 from fleet.audit import Actor  # noqa: E402
-from fleet.dashboard.headless import Browser  # noqa: E402
+from fleet.dashboard.headless import Browser, PageResult  # noqa: E402
 from fleet.dashboard.sample_fleet import seed  # noqa: E402
 from fleet.dashboard.session import COOKIE  # noqa: E402
 from fleet.server import BackgroundServer  # noqa: E402
@@ -43,7 +49,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--page", choices=sorted(PAGES), default="drift")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
+    parser.add_argument("--fleet", help="a running fleet's URL to screenshot instead of a sample")
+    parser.add_argument("--token", help="with --fleet: an API token to sign in with")
+    parser.add_argument("--path", default="/dashboard", help="with --fleet: the page's path")
+    parser.add_argument("--max-height", type=int, default=6000, help="crop the page (pixels)")
     args = parser.parse_args()
+    if args.fleet:
+        if not args.token:
+            parser.error("--fleet needs --token (the demo prints one)")
+        with Browser() as browser:
+            browser.set_cookie(COOKIE, args.token, args.fleet + "/dashboard")
+            page = browser.open(args.fleet + args.path, max_height=args.max_height)
+        return _write(page, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(data_dir=Path(tmp) / "data", mqtt={"port": 1})
         app = create_app(settings, clock=lambda: NOW)
@@ -61,15 +78,19 @@ def main() -> int:
             token = TokenService(db).create("docs", "viewer", Actor.cli("docs"), NOW).secret
         with BackgroundServer(app) as server, Browser() as browser:
             browser.set_cookie(COOKIE, token, server.url + "/dashboard")
-            page = browser.open(server.url + PAGES[args.page])
+            page = browser.open(server.url + PAGES[args.page], max_height=args.max_height)
+    return _write(page, args.out)
+
+
+def _write(page: PageResult, out: Path) -> int:
     if page.errors or not page.charts:
         print(
             f"refusing to write a broken screenshot: {page.errors or 'no charts'}", file=sys.stderr
         )
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(page.screenshot)
-    print(f"wrote {args.out} ({page.charts} charts, {len(page.screenshot)} bytes)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(page.screenshot)
+    print(f"wrote {out} ({page.charts} charts, {len(page.screenshot)} bytes)")
     return 0
 
 

@@ -1,9 +1,10 @@
 """A Mosquitto broker process that we start, configure and stop ourselves.
 
 Tests, benchmarks and the demo each run their own broker on a free loopback port with a config
-file written here, so they control its settings (queue limits, persistence, later ACLs and TLS)
-and never depend on a system-wide broker. The config raises Mosquitto's per-client queue limits:
-its default ``max_queued_messages 1000`` silently drops QoS 1 messages for a lagging subscriber.
+file written here, so they control its settings (queue limits, persistence, password and ACL
+files, TLS) and never depend on a system-wide broker. The config raises Mosquitto's per-client
+queue limits: its default ``max_queued_messages 1000`` silently drops QoS 1 messages for a
+lagging subscriber. With ``auth`` and ``tls`` it has the shape of ``deploy/mosquitto.conf``.
 """
 
 from __future__ import annotations
@@ -31,15 +32,72 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def render_config(port: int, data_dir: Path, *, host: str = "127.0.0.1") -> str:
-    """The broker config we ship for tests and development (anonymous, loopback only)."""
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Password and ACL files (written by :mod:`fleet.broker_auth`): no anonymous clients."""
+
+    password_file: Path
+    acl_file: Path
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """TLS on every listener with this server certificate; ``require_certificate``: clients
+    must present a certificate signed by ``cafile`` (mutual TLS)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+
+
+def _listener(port: int, host: str, tls: BrokerTls | None) -> list[str]:
+    lines = [f"listener {port} {host}"]
+    if tls is not None:
+        lines += [
+            f"cafile {tls.cafile}",
+            f"certfile {tls.certfile}",
+            f"keyfile {tls.keyfile}",
+            "tls_version tlsv1.2",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+        ]
+    return lines
+
+
+def render_config(
+    port: int,
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    auth: BrokerAuth | None = None,
+    tls: BrokerTls | None = None,
+    fleet_port: int | None = None,
+) -> str:
+    """The broker config for tests and development: anonymous on one loopback listener, or,
+    with ``auth`` (and ``tls``), shaped like ``deploy/mosquitto.conf``: a device listener on
+    ``port`` whose client id is forced to the username, and a fleet listener on ``fleet_port``
+    for the fleet's own several connections."""
+    security = ["allow_anonymous true"]
+    listeners = _listener(port, host, tls)
+    if auth is not None:
+        security = [
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"password_file {auth.password_file}",
+            f"acl_file {auth.acl_file}",
+        ]
+        # a device cannot take over (kick) another device's session by using its client id
+        listeners.append("use_username_as_clientid true")
+        if fleet_port is not None:  # the fleet (loopback in production) never needs a cert
+            fleet_tls = tls and BrokerTls(tls.cafile, tls.certfile, tls.keyfile)
+            listeners += _listener(fleet_port, host, fleet_tls)
     return "\n".join(
         [
-            f"listener {port} {host}",
             # started as root, mosquitto would switch to the `mosquitto` user, which cannot
             # write our data directory; keep the user we run as (no effect for non-root)
             f"user {getpass.getuser()}",
-            "allow_anonymous true",
+            f"pid_file {data_dir}/mosquitto.pid",
+            *security,
             # never drop QoS 1 messages queued for a slow or offline persistent session
             "max_queued_messages 0",
             "max_queued_bytes 0",
@@ -55,6 +113,7 @@ def render_config(port: int, data_dir: Path, *, host: str = "127.0.0.1") -> str:
             "log_type notice",
             "connection_messages true",
             f"log_dest file {data_dir}/mosquitto.log",
+            *listeners,
             "",
         ]
     )
@@ -68,12 +127,17 @@ class MosquittoBroker:
     host: str = "127.0.0.1"
     port: int = 0
     binary: str = ""
+    auth: BrokerAuth | None = None
+    tls: BrokerTls | None = None
+    fleet_port: int = 0  # with ``auth``: the fleet's listener (free port if 0)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
+        if self.auth is not None and not self.fleet_port:
+            self.fleet_port = free_port(self.host)
         if not self.binary:
             found = shutil.which("mosquitto") or (
                 "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -96,7 +160,16 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self._proc and self._proc.poll() is None:
             return
-        self.config_path.write_text(render_config(self.port, self.data_dir, host=self.host))
+        self.config_path.write_text(
+            render_config(
+                self.port,
+                self.data_dir,
+                host=self.host,
+                auth=self.auth,
+                tls=self.tls,
+                fleet_port=self.fleet_port or None,
+            )
+        )
         self._proc = subprocess.Popen(
             [self.binary, "-c", str(self.config_path)],
             stdout=subprocess.DEVNULL,
@@ -128,6 +201,15 @@ class MosquittoBroker:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "mosquitto.pid"
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password and ACL files (what ``fleet.broker_auth`` sends)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> None:
         self.stop()

@@ -193,8 +193,11 @@ class Browser:
             "Network.setCookie", name=name, value=value, url=url, httpOnly=True, sameSite="Strict"
         )
 
-    def open(self, url: str, width: int = 1280, screenshot: bool = True) -> PageResult:
-        """Load ``url``; return its console errors, chart count and a full-page screenshot."""
+    def open(
+        self, url: str, width: int = 1280, screenshot: bool = True, max_height: int = 6000
+    ) -> PageResult:
+        """Load ``url``; return its console errors, chart count and a full-page screenshot (its
+        top ``max_height`` pixels)."""
         self.events.clear()
         self.call(
             "Emulation.setDeviceMetricsOverride",
@@ -228,7 +231,7 @@ class Browser:
                     "x": 0,
                     "y": 0,
                     "width": width,
-                    "height": min(size["height"], 6000),
+                    "height": min(size["height"], max_height),
                     "scale": 1,
                 },
             )
