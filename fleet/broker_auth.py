@@ -7,6 +7,13 @@ The fleet writes both files from the device registry (each atomically: temp file
 reloads the broker, so a new device can connect at once and a decommissioned one is kicked
 and refused at once. ``deploy/mosquitto.conf`` is the broker config that reads them.
 
+Mosquitto does not say when a SIGHUP has been applied, so each rewrite also gives a probe user
+(``{mqtt.username}-reload-probe``, no rights beyond the device patterns, a fresh random password
+each time) a new password, and the sync returns only once the broker accepts that password:
+the files it wrote are then the broker's. An enrollment therefore returns credentials the broker
+already knows, and a wrong ``password_file`` path (a broker that never sees the files) is an
+error instead of silence.
+
 A device's MQTT username is its device id, so the ACL is static, made of ``pattern`` lines
 with ``%u``: a device may write only its own report topics and read only its own ``desired``.
 The fleet's own user (``mqtt.username``) reads every device's reports (also through
@@ -21,6 +28,7 @@ It does not hash passwords (:mod:`fleet.mqtt_credentials`) or decide who is acti
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -32,10 +40,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from agent.atomic import write_atomic
 from fleet.devices import DeviceRegistry
 from fleet.errors import BrokerReloadError
-from fleet.mqtt_credentials import mosquitto_hash, password_file_line, verify_mosquitto_hash
+from fleet.mqtt_credentials import (
+    mosquitto_hash,
+    new_password,
+    password_file_line,
+    verify_mosquitto_hash,
+)
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from protocol.topics import DEVICE_REPORTS, DEVICES, TopicKind
@@ -44,6 +60,8 @@ log = logging.getLogger(__name__)
 
 FILE_MODE = 0o640  # the broker's user may read them through the group; nobody else
 RELOAD_TIMEOUT = 10.0
+PROBE_SUFFIX = "-reload-probe"
+PROBE_RETRY_S = 0.02
 
 
 def render_acl(fleet_username: str) -> str:
@@ -97,6 +115,9 @@ class BrokerAuthFiles:
 
     A :class:`fleet.devices.RevocationListener` and a :class:`fleet.enrollment.EnrollmentListener`.
     Syncs are serialised; a failed reload is retried by the next sync even if nothing changed.
+    Requests coalesce: a request waiting while another sync runs is served by the next sync that
+    reads the registry after it was made, so a burst of N enrollments costs far fewer than N
+    rewrites and reloads, and each device is still in the files when its enrollment returns.
     """
 
     def __init__(
@@ -118,26 +139,46 @@ class BrokerAuthFiles:
         self._fleet_hash = (
             kept if kept and verify_mosquitto_hash(password, kept) else mosquitto_hash(password)
         )
+        self.probe = BrokerProbe(settings, username + PROBE_SUFFIX)
+        self._probe_password = new_password()
+        self._probe_hash = existing_hash(self.password_file, self.probe.username) or ""
         self._lock = threading.Lock()
+        self._requests = itertools.count(1)  # ticket of each sync request
+        self._issued = 0  # the last ticket handed out
+        self._covered = 0  # every ticket up to this one is served by a finished sync
         self._reload_pending = False
         self.last: SyncResult | None = None
         self.last_error: str | None = None
 
     def sync(self, now: datetime) -> SyncResult:
-        """Rewrite the files if they differ from the registry, then reload the broker."""
+        """Rewrite the files if they differ from the registry, then reload the broker (or
+        return the result of a sync that started after this call and already did it)."""
+        ticket = self._issued = next(self._requests)
         with self._lock:
+            if self._covered >= ticket and self.last is not None:
+                return self.last
+            covers = self._issued  # the registry read below sees every request made so far
             with self.store.connect() as db:
                 devices = DeviceRegistry(db).broker_credentials()
             credentials = [(self.fleet_username, self._fleet_hash), *devices]
-            changed = self._write(self.password_file, render_passwords(credentials))
+            probe = (self.probe.username, self._probe_hash)
+            passwords = render_passwords([*credentials, probe])
+            if self._reload_pending or self._differs(self.password_file, passwords):
+                self._probe_password = new_password()  # the mark of this rewrite
+                self._probe_hash = mosquitto_hash(self._probe_password)
+                probe = (self.probe.username, self._probe_hash)
+                passwords = render_passwords([*credentials, probe])
+            changed = self._write(self.password_file, passwords)
             changed |= self._write(self.acl_file, render_acl(self.fleet_username))
             self._reload_pending |= changed
             reloaded = False
             if self._reload_pending:
-                self._reload()  # raises BrokerReloadError; still pending then
+                if self._reload():  # raises BrokerReloadError; still pending then
+                    self.probe.wait_accepted(self._probe_password)
                 self._reload_pending, reloaded = False, True
             self.last = SyncResult(len(credentials), changed, reloaded, now)
             self.last_error = None
+            self._covered = covers
             return self.last
 
     def safe_sync(self, now: datetime) -> SyncResult | None:
@@ -156,6 +197,13 @@ class BrokerAuthFiles:
         self.safe_sync(self.clock())
 
     @staticmethod
+    def _differs(path: Path, text: str) -> bool:
+        try:
+            return path.read_bytes() != text.encode()
+        except FileNotFoundError:
+            return True
+
+    @staticmethod
     def _write(path: Path, text: str) -> bool:
         data = text.encode()
         try:
@@ -166,7 +214,8 @@ class BrokerAuthFiles:
         write_atomic(path, data, FILE_MODE)
         return True
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """Signal the broker; False if no way to do so is configured (nothing to wait for)."""
         started = time.monotonic()
         if self.pid_file is not None:
             try:
@@ -195,8 +244,73 @@ class BrokerAuthFiles:
                 "broker credential files changed but no broker_auth.pid_file or reload_command "
                 "is set: the broker applies them when it is reloaded"
             )
-            return
+            return False
         log.info(
             "broker reloaded",
             extra={"seconds": round(time.monotonic() - started, 4), "file": str(self.acl_file)},
         )
+        return True
+
+
+class BrokerProbe:
+    """Connects to the broker as the probe user until it accepts the password just written."""
+
+    def __init__(self, settings: FleetSettings, username: str) -> None:
+        self.username = username
+        self.host, self.port = settings.mqtt.host, settings.mqtt.port
+        self.tls_context = settings.mqtt.tls_context()
+        self.timeout = RELOAD_TIMEOUT
+
+    def wait_accepted(self, password: str) -> None:
+        """Return once the broker accepts ``password``; a broker that cannot be reached will
+        read the files when it starts (logged, not an error); refusal past ``self.timeout``
+        seconds raises :class:`BrokerReloadError`."""
+        started = time.monotonic()
+        deadline = started + self.timeout
+        while True:
+            accepted = self._connect(password, deadline)
+            if accepted is None:
+                log.warning(
+                    "cannot reach the MQTT broker at %s:%d to confirm the credential reload; "
+                    "it reads the files when it starts",
+                    self.host,
+                    self.port,
+                )
+                return
+            if accepted:
+                log.info(
+                    "broker credentials applied",
+                    extra={"seconds": round(time.monotonic() - started, 4)},
+                )
+                return
+            if time.monotonic() >= deadline:
+                raise BrokerReloadError(
+                    "the broker did not apply the rewritten credential files within "
+                    f"{self.timeout:g} s; check that broker_auth.password_file is the broker's "
+                    "password_file and that the broker can read it"
+                )
+            time.sleep(PROBE_RETRY_S)
+
+    def _connect(self, password: str, deadline: float) -> bool | None:
+        """One connection: True if accepted, False if refused, None if the broker is away."""
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.username,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        client.username_pw_set(self.username, password)
+        if self.tls_context is not None:
+            client.tls_set_context(self.tls_context)
+        answers: list[bool] = []
+        client.on_connect = lambda _c, _u, _f, reason, _p: answers.append(not reason.is_failure)
+        try:
+            client.connect(self.host, self.port, keepalive=10)
+            while not answers and time.monotonic() < deadline:
+                if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS and not answers:
+                    return False  # closed after refusing (or before answering): try again
+        except OSError:
+            return None
+        finally:
+            client.disconnect()
+        return answers[0] if answers else False

@@ -8,11 +8,13 @@ another CA; the fleet API serves HTTPS."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import ssl
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +40,7 @@ from agent.reporter import Reporter
 from agent.tls import https_context, mqtt_context
 from fleet.broker_auth import BrokerAuthFiles, render_acl
 from fleet.cli import main as fleet_main
+from fleet.errors import BrokerReloadError
 from fleet.server import BackgroundServer
 from fleet.settings import FleetSettings, load_settings
 from fleet.store import Store, connect
@@ -434,6 +437,62 @@ def test_a_decommissioned_device_is_kicked_and_refused_at_once(
     assert other.messages.get(timeout=WAIT) == (desired_topic(b.device_id), b"still here")
     status = http.get("/v1/security/broker", headers=admin).json()
     assert status["enabled"] and status["users"] == 2 and status["last_error"] is None
+
+
+def test_a_burst_of_enrollments_coalesces_reloads_and_every_device_connects_at_once(
+    secure_broker: MosquittoBroker,
+    live: str,
+    admin: dict[str, str],
+    clients: Callable[..., Client],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    count = 16
+    with httpx.Client(base_url=live, timeout=30) as http:
+        token = http.post("/v1/enrollment-tokens", json={"uses": count}, headers=admin).json()
+
+    def enroll_and_connect(_: int) -> bool:
+        with httpx.Client(base_url=live, timeout=30) as http:
+            reply = http.post(
+                "/v1/enroll",
+                json={
+                    "token": token["secret"],
+                    "public_key": public_key_hex(Ed25519PrivateKey.generate()),
+                    "profile": PROFILE,
+                    "facts": FACTS,
+                },
+            )
+        assert reply.status_code == 201, reply.text
+        doc = reply.json()  # the broker must know the device as soon as enrollment returns
+        return clients(secure_broker.port, doc["device_id"], doc["mqtt_password"]).connected()
+
+    caplog.set_level(logging.INFO, logger="fleet.broker_auth")
+    with ThreadPoolExecutor(8) as pool:
+        connected = list(pool.map(enroll_and_connect, range(count)))
+    reloads = sum(r.getMessage() == "broker reloaded" for r in caplog.records)
+    print(f"{count} concurrent enrollments -> {reloads} broker reloads")
+    assert all(connected)
+    assert 1 <= reloads < count
+
+
+def test_files_the_broker_does_not_read_are_an_error_not_silence(
+    settings: FleetSettings,
+    secure_broker: MosquittoBroker,
+    clock: Callable[[], datetime],
+    tmp_path: Path,
+) -> None:
+    elsewhere = settings.model_copy(
+        update={
+            "broker_auth": settings.broker_auth.model_copy(
+                update={"password_file": tmp_path / "not-the-broker's" / "passwd"}
+            )
+        }
+    )
+    files = BrokerAuthFiles(elsewhere, Store(settings.db_path), clock)
+    files.probe.timeout = 1.0
+    with pytest.raises(BrokerReloadError, match="check that broker_auth.password_file"):
+        files.sync(clock())
+    assert files.safe_sync(clock()) is None  # retried, still failing, and said so
+    assert files.last_error is not None and "password_file" in files.last_error
 
 
 # --- TLS: a provisioned agent pins the fleet CA --------------------------------------------------
