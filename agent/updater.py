@@ -69,7 +69,14 @@ from agent.inference import DriftFactory, DriftSink, InferenceService, LoadedMod
 from agent.runtimes import Runtime, RuntimeLoader, load_runtime
 from agent.shadow import ShadowStats, ShadowTap, ShadowThresholds, evaluate_shadow, median
 from agent.slots import InstalledRelease, Release, SlotError, Slots
-from agent.trial import Continue, Fail, TrialStats, TrialThresholds, evaluate_trial
+from agent.trial import (
+    OUTPUT_ALPHA,
+    Continue,
+    Fail,
+    TrialStats,
+    TrialThresholds,
+    evaluate_trial,
+)
 from agent.tuf_client import ReleaseClient, ReleaseError
 from agent.update_states import (
     MAX_ATTEMPTS,
@@ -132,6 +139,7 @@ class UpdaterConfig:
     trial_sample_seconds: float = 1.0
     trial_max_seconds: float = 24 * 3600.0
     max_output_js: float = 0.3
+    output_alpha: float = OUTPUT_ALPHA  # the output drift must also be significant at this level
     trial_sample_rows: int = 512  # live rows kept to compare new and previous predictions
     shadow_sample_seconds: float = 0.2  # how often the shadow drains its tap
     shadow_max_seconds: float = 3600.0  # too few live rows by then: the shadow fails closed
@@ -901,6 +909,7 @@ class Updater:
             max_error_rate=h.max_error_rate,
             max_latency_ratio=h.max_latency_ratio,
             max_output_js=self.config.max_output_js,
+            output_alpha=self.config.output_alpha,
             max_seconds=max(h.trial_seconds, self.config.trial_max_seconds),
         )
         b = record.baseline
