@@ -16,7 +16,9 @@ here, not read from a file): v2 goes to every device in 1% -> 10% -> 50% -> 100%
   scheduler, and the run's polling of the rollout every 0.5 s; the devices run in their host
   processes, measured apart), in CPU seconds and % of one core;
 * the rate in devices per minute beside AWS IoT Jobs' default rollout cap of 1,000/minute
-  (``maximumPerMinute``).
+  (``maximumPerMinute``);
+* reports the agents wrote against reports the fleet stored; those still in a device's outbox
+  when its agent stopped are printed apart (pending, sent at the next start), not as lost.
 
 * the fleet's scheduler runs that APScheduler skipped (the previous run of that job still
   going) or started late, per job: the fleet runs in this process, and a starved rollout
@@ -65,6 +67,13 @@ from simulators.scenario import (  # noqa: E402
 
 AWS_IOT_JOBS_MAX_PER_MINUTE = 1000
 STAGES = (1.0, 10.0, 50.0, 100.0)
+# The trial's latency gate compares the new model's p95 over its first few requests with the
+# previous model's over many. A hosted agent shares its process's GIL with a hundred others
+# downloading, verifying and loading models at the same moment: at 300 devices single
+# predictions of 0.14-0.17 ms waited 20-62 ms in trial (147-437x, past the simulator releases'
+# 100x) and rolled the rollout back. The bench measures the rollout, as it widens the health
+# check's latency budget (``latency_budget_scale``), so its releases allow 1,000x.
+RELEASE_HEALTH = {"max_latency_ratio": 1000.0}
 
 
 def scenario(devices: int, processes: int, heartbeat_s: float) -> ScenarioSpec:
@@ -74,9 +83,9 @@ def scenario(devices: int, processes: int, heartbeat_s: float) -> ScenarioSpec:
         "latency_ratio": 50.0,
         "min_drift_n": 50,
         "stuck_timeout_s": 600,
-        # a trial compares v2's classes with v1's on 8 live inputs, and v1 and v2 differ a
-        # little: at 1,000 devices one trial of ~500 crossed JS 0.3 and the default 0 failed
-        # the rollout; 1% of the fleet may roll back on its own
+        # 1% of the fleet may roll back on its own (the trial's output check is now bounded by
+        # its sample size, see agent/trial.py; this is the margin for whatever else a loaded
+        # 2-core machine throws at a thousand trials)
         "max_trial_failures": max(1, devices // 100),
     }
     return ScenarioSpec(
@@ -273,7 +282,7 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
         CpuSampler() as cpu,
         SchedulerOverruns() as overruns,
     ):
-        result: RunResult = run_scenario(spec, Path(tmp), say=say)
+        result: RunResult = run_scenario(spec, Path(tmp), say=say, release_health=RELEASE_HEALTH)
         outcome = result.rollouts[0] if result.rollouts else None
         if outcome is None or not outcome.rollout_id:
             print("\n".join(log[-20:]))
@@ -326,7 +335,8 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
     )
     print(f"  fleet scheduler over the run: {overruns.summary()}")
     print(
-        f"  reports: {result.sent} sent, {result.stored} stored, {result.lost} lost; "
+        f"  reports: {result.sent} sent, {result.stored} stored, {result.pending} still in "
+        f"device outboxes at stop (not lost), {result.lost} lost; "
         f"devices per version {result.versions}; "
         f"{'every expected outcome met' if result.ok else 'FAILED: ' + '; '.join(result.failures)}"
     )
