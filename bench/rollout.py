@@ -296,6 +296,10 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
                 "SELECT device_id, to_state, reason FROM update_events "
                 "WHERE to_state IN ('rolling_back', 'failed') AND release_version = 2"
             ).fetchall()
+            # what ingestion dropped (malformed, unknown device...) is counted, never silent
+            rejected = db.execute(
+                "SELECT name, value FROM ingest_counters WHERE name LIKE 'rejected:%' AND value > 0"
+            ).fetchall()
         window = completed if math.isfinite(completed) else last
         fleet_cpu, hosts_cpu = cpu.between(created, created + window)
         peak = cpu.peak_rss()
@@ -334,6 +338,8 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
         f"host RSS peak {peak / 2**20:,.0f} MiB = {peak / devices / 2**20:.1f} MiB a device"
     )
     print(f"  fleet scheduler over the run: {overruns.summary()}")
+    dropped = ", ".join(f"{name} {n}" for name, n in rejected) or "none"
+    print(f"  reports the fleet's ingestion dropped (counted): {dropped}")
     print(
         f"  reports: {result.sent} sent, {result.stored} stored, {result.pending} still in "
         f"device outboxes at stop (not lost), {result.lost} lost; "
