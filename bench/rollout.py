@@ -71,9 +71,11 @@ STAGES = (1.0, 10.0, 50.0, 100.0)
 # previous model's over many. A hosted agent shares its process's GIL with a hundred others
 # downloading, verifying and loading models at the same moment: at 300 devices single
 # predictions of 0.14-0.17 ms waited 20-62 ms in trial (147-437x, past the simulator releases'
-# 100x) and rolled the rollout back. The bench measures the rollout, as it widens the health
-# check's latency budget (``latency_budget_scale``), so its releases allow 1,000x.
-RELEASE_HEALTH = {"max_latency_ratio": 1000.0}
+# 100x) and rolled the rollout back; at 1,000, 560-620 ms were seen (~4,000x). The bench
+# measures the rollout, as it widens the health check's latency budget
+# (``latency_budget_scale``), so its releases allow 10,000x (the fleet's latency gate on the
+# devices' heartbeats still runs).
+RELEASE_HEALTH = {"max_latency_ratio": 10_000.0}
 
 
 def scenario(devices: int, processes: int, heartbeat_s: float) -> ScenarioSpec:
