@@ -48,12 +48,14 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from a checkout
 
 import psutil  # noqa: E402
 
+import fleet.rollouts  # noqa: E402
 from fleet.rollouts import CONTROLLER_EVERY  # noqa: E402
 from simulators.run import RunResult, run_scenario  # noqa: E402
 from simulators.scenario import (  # noqa: E402
@@ -208,6 +210,41 @@ class SchedulerOverruns(logging.Handler):
         return ", ".join(parts)
 
 
+class TickTimer:
+    """Wall time of each rollout controller tick (``fleet.rollouts.controller_tick``, which the
+    scheduler's job looks up at each run): a tick longer than the 5 s interval is what makes
+    APScheduler skip the next one."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._inner = fleet.rollouts.controller_tick
+
+    def __enter__(self) -> TickTimer:
+        inner = self._inner
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds.append(time.perf_counter() - t0)
+
+        fleet.rollouts.controller_tick = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fleet.rollouts.controller_tick = self._inner
+
+    def summary(self) -> str:
+        if not self.seconds:
+            return "no tick"
+        ticks = sorted(self.seconds)
+        return (
+            f"{len(ticks)} ticks, median {ticks[len(ticks) // 2]:.2f} s, max {ticks[-1]:.2f} s, "
+            f"{sum(t > CONTROLLER_EVERY.total_seconds() for t in ticks)} longer than the interval"
+        )
+
+
 @dataclass(frozen=True)
 class StageTimes:
     index: int
@@ -283,6 +320,7 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
         tempfile.TemporaryDirectory(prefix="edgefleet-bench-rollout-") as tmp,
         CpuSampler() as cpu,
         SchedulerOverruns() as overruns,
+        TickTimer() as ticks,
     ):
         result: RunResult = run_scenario(spec, Path(tmp), say=say, release_health=RELEASE_HEALTH)
         outcome = result.rollouts[0] if result.rollouts else None
@@ -340,6 +378,7 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
         f"host RSS peak {peak / 2**20:,.0f} MiB = {peak / devices / 2**20:.1f} MiB a device"
     )
     print(f"  fleet scheduler over the run: {overruns.summary()}")
+    print(f"  rollout controller: {ticks.summary()}")
     dropped = ", ".join(f"{name} {n}" for name, n in rejected) or "none"
     print(f"  reports the fleet's ingestion dropped (counted): {dropped}")
     print(
