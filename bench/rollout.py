@@ -313,8 +313,9 @@ def bench(devices: int, processes: int, heartbeat_s: float) -> None:
     )
     log: list[str] = []
 
-    def say(line: str) -> None:
+    def say(line: str) -> None:  # the run's narration goes to stderr as it happens
         log.append(line)
+        print(f"  [{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
     with (
         tempfile.TemporaryDirectory(prefix="edgefleet-bench-rollout-") as tmp,
