@@ -4,8 +4,9 @@ out at the next start), and *lost* only when it is in neither place.
 
 Real agents in a :class:`~simulators.host.DeviceHost`, a real Mosquitto and fleet app: the broker
 stops under running agents, so the reports they write from then on (heartbeats, the last drift
-window at stop) stay in their outboxes, as the 1,000-device rollout bench's 16 unflushed reports
-did when its starved hosts stopped their agents.
+window at stop) stay in their outboxes, as a report does when a starved host's agent runs out of
+shutdown flush time (the 1,000-device rollout bench counted 16 such reports, one on each of 16
+devices, as lost).
 """
 
 from __future__ import annotations
