@@ -24,8 +24,20 @@ What it does, after Home Assistant's MQTT client:
   starts again from the oldest row still in the outbox, so unacknowledged reports are re-sent in
   order (a few may arrive twice; the fleet keeps each ``(device, seq)`` once).
 
-paho's callbacks only post events to a queue; one worker thread does the work (publishing,
-acknowledging rows in SQLite) and another calls the handlers of incoming messages.
+One thread per link drives paho through its external-loop API (``socket``, ``want_write``,
+``loop_read``, ``loop_write``, ``loop_misc``, ``reconnect``) with ``poll``: it sleeps until the
+broker's socket is readable (or writable while paho has bytes to send), the link is woken
+(a report in the outbox, a refresh, a subscription, stop), a reconnect is due, or the keepalive
+needs checking (every ``keepalive / 4`` s: paho pings once ``keepalive`` s have passed without
+traffic, Mosquitto drops a client after 1.5 keepalives of silence). An idle connected agent thus
+wakes for its own reports and their acks and a few times a keepalive, not every second as
+paho's ``loop_start`` thread does (``select`` with a fixed 1 s timeout), and with ``poll`` a
+socket numbered past 1024 is no problem. paho's callbacks run on that thread and only post
+events; the worker step that follows each wake-up does the work (publishing, acknowledging rows
+in SQLite). A second thread, started with the first incoming message, calls the handlers of
+incoming messages. :meth:`MqttLink.stop` waits for the link thread and then shuts it out of the
+outbox, so the outbox can be closed right after it returns even if the thread is still stuck
+(a SQLite lock, a connect under way).
 
 It does not decide what to report (:mod:`agent.reporter`) nor verify desired documents.
 """
@@ -36,9 +48,12 @@ import contextlib
 import dataclasses
 import logging
 import queue
+import select
+import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -61,6 +76,15 @@ log = logging.getLogger(__name__)
 STATE_BLOCK = 8
 # how long a planned reconnect waits for the acks of what is in flight before it disconnects
 DRAIN_S = 2.0
+# how often the link thread looks at its deadlines while a drain or a stop is under way
+DEADLINE_TICK_S = 0.05
+# the link thread wakes at least this often even with nothing to do (a safety net: every
+# report, ack, connection change and request wakes it anyway)
+IDLE_WAKE_S = 60.0
+# a failed worker step (disk full, ...) is tried again this soon
+STEP_RETRY_S = 0.5
+# stop waits this long beyond its flush timeout for the link thread before shutting it out
+STOP_GRACE_S = 5.0
 Handler = Callable[[str, bytes], None]
 
 
@@ -186,24 +210,65 @@ def build_client(config: LinkConfig) -> mqtt.Client:
     return client
 
 
-def _loop_stop(client: mqtt.Client) -> None:
-    """``client.loop_stop()``, safe when paho's network thread is ending by itself.
+def check_interval(keepalive: int) -> float:
+    """How often the link thread lets paho check the keepalive: a quarter of it, so a PINGREQ
+    goes out at most 1.25 keepalives after the last packet, within the broker's 1.5."""
+    return IDLE_WAKE_S if keepalive <= 0 else min(IDLE_WAKE_S, keepalive / 4)
 
-    After a clean DISCONNECT paho's thread clears its own ``_thread`` reference as it exits;
-    if that happens between ``loop_stop``'s ``is None`` check and its ``join``, paho raises
-    ``AttributeError: 'NoneType' object has no attribute 'join'``. The thread has ended then,
-    which is all ``loop_stop`` waits for.
-    """
-    with contextlib.suppress(AttributeError):
-        client.loop_stop()
+
+class _ShutOut(Exception):
+    """The link was stopped: its thread must not touch the outbox any more."""
+
+
+class _GuardedOutbox:
+    """The outbox as the link's threads see it: every call holds the guard, and after
+    :meth:`shut` no call reaches the outbox (it raises :class:`_ShutOut`)."""
+
+    def __init__(self, outbox: OutboxPort) -> None:
+        self._outbox = outbox
+        self._guard = threading.Lock()
+        self._shut = False
+
+    def shut(self) -> None:
+        """Wait for a call under way, then refuse every later one."""
+        with self._guard:
+            self._shut = True
+
+    @property
+    def is_shut(self) -> bool:
+        return self._shut
+
+    def reserve(self, n: int = 1) -> int:
+        with self._guard:
+            if self._shut:
+                raise _ShutOut
+            return self._outbox.reserve(n)
+
+    def peek(self, n: int, after: int = 0) -> list[OutboxRow]:
+        with self._guard:
+            if self._shut:
+                raise _ShutOut
+            return self._outbox.peek(n, after)
+
+    def ack_many(self, seqs: Iterable[int]) -> int:
+        with self._guard:
+            if self._shut:
+                raise _ShutOut
+            return self._outbox.ack_many(seqs)
+
+    def depth(self) -> int:
+        with self._guard:
+            if self._shut:
+                raise _ShutOut
+            return self._outbox.depth()
 
 
 class MqttLink:
     """The device's connection to the broker (see the module docstring).
 
     ``state`` returns the device's current :class:`StateBody` (its ``online`` field is set by
-    the link); it is called on paho's network thread before each connect, so it must be cheap
-    and must not block.
+    the link); it is called on the link thread before each connect, so it must be cheap and
+    must not block.
     """
 
     def __init__(
@@ -216,10 +281,11 @@ class MqttLink:
         if config.inflight_window < 1:
             raise LinkError(f"inflight_window must be >= 1, got {config.inflight_window}")
         self.config = config
-        self._outbox = outbox
+        self._outbox = _GuardedOutbox(outbox)
         self._state = state
         self._clock = clock
-        self._events: queue.Queue[_Event] = queue.Queue()
+        # posted by paho's callbacks (on the link thread) and the public methods (any thread)
+        self._events: deque[_Event] = deque()
         self._inbound: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()  # guards the fields below, shared by the threads
@@ -237,7 +303,11 @@ class MqttLink:
         self._acked_total = 0
         self._connects_total = 0
         self._client: mqtt.Client | None = None
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+        self._inbound_thread: threading.Thread | None = None  # started by the first message
+        self._wake_r: socket.socket | None = None  # the link thread polls it; _wake writes
+        self._wake_w: socket.socket | None = None
+        self._retry_delay: float | None = None  # reconnect backoff; None after a good connect
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -250,29 +320,29 @@ class MqttLink:
         client = build_client(self.config)
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        self._client = client
-        self._threads = [
-            threading.Thread(target=self._work, name="mqtt-flusher", daemon=True),
-            threading.Thread(target=self._dispatch, name="mqtt-inbound", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        # only records the host, port and options; the link thread connects
         client.connect_async(
             self.config.host, self.config.port, self.config.keepalive, clean_start=True
         )
-        client.loop_start()
+        self._client = client
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread = threading.Thread(
+            target=self._run, args=(client,), name="mqtt-link", daemon=True
+        )
+        self._thread.start()
 
     def notify(self) -> None:
-        """Tell the flusher that new rows are in the outbox (cheap; coalesced)."""
+        """Tell the link that new rows are in the outbox (cheap; coalesced)."""
         with self._lock:
             if self._wake_pending:
                 return
             self._wake_pending = True
-        self._events.put(_Wake())
+        self._post(_Wake())
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Register ``handler(topic, payload)`` for ``topic_filter``; kept across reconnects.
@@ -283,7 +353,7 @@ class MqttLink:
             raise LinkError(f"cannot subscribe to {topic_filter!r} with QoS {qos}")
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
-        self._events.put(_Resubscribe(topic_filter))
+        self._post(_Resubscribe(topic_filter))
 
     def refresh_state(self) -> None:
         """Publish the retained state again (e.g. after the active model changed).
@@ -293,7 +363,7 @@ class MqttLink:
         the new connection's birth publishes the state then current. Several refreshes asked for
         while a reconnect is under way end up in that one birth.
         """
-        self._events.put(_RefreshState())
+        self._post(_RefreshState())
 
     def status(self) -> LinkStatus:
         with self._lock:
@@ -311,23 +381,33 @@ class MqttLink:
         """Flush what it can, publish the offline state, wait for acks, and disconnect.
 
         Spends at most about ``timeout`` seconds; whatever is not acknowledged by then stays in
-        the outbox for the next start.
+        the outbox for the next start. When it returns the link no longer uses the outbox (if
+        its thread is stuck beyond ``timeout`` + ``STOP_GRACE_S``, in a SQLite lock or a connect,
+        it is shut out: it ends without touching the outbox again), so the caller may close it.
         """
-        client = self._client
-        if client is None:
+        client, thread = self._client, self._thread
+        if client is None or thread is None:
             return
         with self._lock:
             self._closing = True
-        self._events.put(_Stop(time.monotonic() + timeout))
-        self._threads[0].join(timeout + 5)
-        self._inbound.put(None)
-        self._threads[1].join(5)
-        _loop_stop(client)
+        self._post(_Stop(time.monotonic() + timeout))
+        thread.join(timeout + STOP_GRACE_S)
+        self._outbox.shut()  # waits for an outbox call under way
+        if thread.is_alive():
+            log.warning(
+                "the MQTT link thread did not end within %.0f s; it will not touch the outbox "
+                "again and ends once its current call returns",
+                timeout + STOP_GRACE_S,
+            )
+        inbound = self._inbound_thread
+        if inbound is not None:
+            self._inbound.put(None)
+            inbound.join(5)
         with self._lock:
             self._connected = False
         self._client = None
 
-    # --- paho callbacks (network thread): record and post, nothing else ----------------------
+    # --- paho callbacks (on the link thread): record and post, nothing else -------------------
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         try:
@@ -340,8 +420,10 @@ class MqttLink:
             client.will_set(state_topic(self.config.device_id), payload, qos=1, retain=True)
             with self._lock:
                 self._attempt_block = block
-            self._events.put(_ReserveBlock())
-        except Exception:  # a failing callback would kill paho's thread
+            self._events.append(_ReserveBlock())
+        except _ShutOut:
+            pass
+        except Exception:  # the connection attempt goes on
             log.exception("cannot prepare the Last Will; connecting with the previous one")
 
     def _on_connect(
@@ -365,6 +447,7 @@ class MqttLink:
             if not repeated:
                 log.error("MQTT %s (%s); reports stay queued in the outbox", error, hint)
             return
+        self._retry_delay = None
         with self._lock:
             block, self._attempt_block = self._attempt_block, None
             self._connected = True
@@ -377,10 +460,7 @@ class MqttLink:
             log.info("MQTT connected to %s:%d again", self.config.host, self.config.port)
         else:
             log.info("MQTT connected to %s:%d", self.config.host, self.config.port)
-        self._events.put(_Connected(block))
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._outage(f"cannot reach the MQTT broker at {self.config.host}:{self.config.port}")
+        self._events.append(_Connected(block))
 
     def _on_disconnect(
         self,
@@ -395,7 +475,7 @@ class MqttLink:
             closing = self._closing
             planned, self._planned_disconnect = self._planned_disconnect, False
         if was_connected:
-            self._events.put(_Disconnected())
+            self._events.append(_Disconnected())
         if was_connected and not closing and not planned:
             self._outage(f"lost the connection to the MQTT broker ({reason})")
 
@@ -403,49 +483,159 @@ class MqttLink:
         with self._lock:
             self._last_error = error
             first, self._outage_logged = not self._outage_logged, True
-        if first:
-            log.warning(
-                "%s; reports stay queued in the outbox (%d waiting) and are sent when it is "
-                "back; retrying every %d-%d s",
-                error,
-                self._outbox.depth(),
-                self.config.reconnect_min_s,
-                self.config.reconnect_max_s,
-            )
+        if not first:
+            return
+        try:
+            waiting = str(self._outbox.depth())
+        except _ShutOut:
+            waiting = "?"
+        log.warning(
+            "%s; reports stay queued in the outbox (%s waiting) and are sent when it is "
+            "back; retrying every %d-%d s",
+            error,
+            waiting,
+            self.config.reconnect_min_s,
+            self.config.reconnect_max_s,
+        )
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any
     ) -> None:
-        self._events.put(_Acked(mid, reason))
+        self._events.append(_Acked(mid, reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._outbox.is_shut:
+            return
         self._inbound.put(message)
+        if self._inbound_thread is None:  # only this (the link) thread starts it
+            self._inbound_thread = threading.Thread(
+                target=self._dispatch, name="mqtt-inbound", daemon=True
+            )
+            self._inbound_thread.start()
 
-    # --- the worker thread ---------------------------------------------------------------------
+    # --- the link thread -------------------------------------------------------------------------
+
+    def _post(self, event: _Event) -> None:
+        self._events.append(event)
+        wake = self._wake_w
+        if wake is not None:
+            # the pipe is full (the thread wakes anyway) or closed (stopped)
+            with contextlib.suppress(OSError):
+                wake.send(b"\0")
+
+    def _take_events(self) -> list[_Event]:
+        batch = []
+        while True:
+            try:
+                batch.append(self._events.popleft())
+            except IndexError:
+                return batch
 
     def _state_payload(self, seq: int, online: bool) -> bytes:
         body = dataclasses.replace(self._state(), online=online)
         return encode(Envelope(TopicKind.STATE, self.config.device_id, seq, self._clock(), body))
 
-    def _work(self) -> None:
-        flusher = _Flusher(self)
-        while not flusher.done:
+    def _next_retry_delay(self) -> float:
+        """paho's backoff: the minimum, doubled after each failed attempt up to the maximum."""
+        delay = self._retry_delay
+        delay = self.config.reconnect_min_s if delay is None else delay * 2
+        self._retry_delay = min(float(delay), float(self.config.reconnect_max_s))
+        return self._retry_delay
+
+    def _connect(self, client: mqtt.Client) -> None:
+        try:
+            client.reconnect()  # on_pre_connect, TCP (and TLS) connect, CONNECT queued
+        except _ShutOut:
+            raise
+        except Exception as exc:  # OSError mostly; the link keeps retrying whatever it is
+            log.debug("MQTT connect failed: %s", exc)
+            self._outage(f"cannot reach the MQTT broker at {self.config.host}:{self.config.port}")
+
+    def _run(self, client: mqtt.Client) -> None:
+        try:
+            self._loop(client, _Flusher(self, client))
+        except _ShutOut:
+            pass  # stopped while this thread was stuck: it leaves the outbox alone
+        except Exception:  # never expected: say so rather than die silently
+            log.exception("the MQTT link thread failed; reports stay in the outbox")
+        finally:
+            for sock in (self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
+            self._wake_w = None
+
+    def _loop(self, client: mqtt.Client, flusher: _Flusher) -> None:
+        assert self._wake_r is not None
+        wake = self._wake_r.fileno()
+        keepalive_s = check_interval(self.config.keepalive)
+        connect_at: float | None = time.monotonic()
+        step_failed = False
+        while not flusher.done and not self._outbox.is_shut:
+            now = time.monotonic()
+            sock = client.socket()
+            if sock is None:
+                attempted = connect_at is not None and now >= connect_at
+                if attempted:
+                    connect_at = None
+                    self._connect(client)
+                    sock = client.socket()
+                if sock is None and connect_at is None and not flusher.stopping:
+                    # a planned reconnect goes at once; after a loss or a failed attempt, back off
+                    planned = flusher.reconnecting and not attempted
+                    connect_at = now if planned else now + self._next_retry_delay()
+            if flusher.deadline_pending:
+                timeout = DEADLINE_TICK_S
+            elif sock is not None:
+                timeout = keepalive_s
+            elif connect_at is not None:
+                timeout = min(IDLE_WAKE_S, max(0.0, connect_at - time.monotonic()))
+            else:
+                timeout = IDLE_WAKE_S
+            poller = select.poll()
+            poller.register(wake, select.POLLIN)
+            buffered = 0
+            if sock is not None:
+                pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
+                buffered = pending() if pending is not None else 0
+                mask = select.POLLIN | (select.POLLOUT if client.want_write() else 0)
+                poller.register(sock, mask)
+            if step_failed:
+                timeout = min(timeout, STEP_RETRY_S)
+            ready = dict(poller.poll(0 if buffered else int(timeout * 1000) + 1))
+            if wake in ready:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            if sock is not None and sock is client.socket():
+                mask = ready.get(sock.fileno(), 0)
+                if buffered or mask & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                    client.loop_read()
+                if mask & select.POLLOUT and client.socket() is not None:
+                    client.loop_write()
+                if client.socket() is not None:
+                    client.loop_misc()  # the keepalive: PINGREQ, or drop a silent broker
             try:
-                event = self._events.get(timeout=flusher.wait_s())
-                batch = [event]
-                while True:
-                    try:
-                        batch.append(self._events.get_nowait())
-                    except queue.Empty:
-                        break
-            except queue.Empty:
-                batch = []
-            try:
-                flusher.step(batch)
+                flusher.step(self._take_events())
+                step_failed = False
+            except _ShutOut:
+                raise
             except Exception:  # keep flushing whatever happens (disk full, ...)
                 log.exception("MQTT flusher step failed; retrying")
-                time.sleep(0.5)
-        flusher.finish()
+                step_failed = True
+        if not self._outbox.is_shut:
+            flusher.finish()
+            self._send_what_is_queued(client)
+
+    def _send_what_is_queued(self, client: mqtt.Client, timeout: float = 1.0) -> None:
+        """After the DISCONNECT: write what paho still holds (a full socket buffer)."""
+        deadline = time.monotonic() + timeout
+        while (sock := client.socket()) is not None and client.want_write():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if poller.poll(int(left * 1000) + 1):
+                client.loop_write()
 
     def _dispatch(self) -> None:
         while (message := self._inbound.get()) is not None:
@@ -463,10 +653,11 @@ class MqttLink:
 
 
 class _Flusher:
-    """The worker thread's state: what is in flight on the current connection."""
+    """The link thread's worker state: what is in flight on the current connection."""
 
-    def __init__(self, link: MqttLink) -> None:
+    def __init__(self, link: MqttLink, client: mqtt.Client) -> None:
         self.link = link
+        self.client = client
         self.connected = False
         self.block: _Block | None = None
         self.state_seq = 0  # last state seq used from the block
@@ -476,7 +667,7 @@ class _Flusher:
         # the block is used up: until this monotonic deadline publish nothing new and wait for
         # the acks of what is in flight, then disconnect cleanly (see _drain_for_a_new_block)
         self.drain_until: float | None = None
-        # disconnected cleanly: reconnect once paho's loop has ended (set until the next connect)
+        # disconnected cleanly to reconnect at once (set until the next connect)
         self.reconnecting = False
         self.stop_deadline: float | None = None
         self.offline_mid: int | None = None
@@ -484,19 +675,22 @@ class _Flusher:
         self.done = False
 
     @property
-    def client(self) -> mqtt.Client:
-        client = self.link._client
-        assert client is not None
-        return client
+    def deadline_pending(self) -> bool:
+        """A drain or a stop is under way: its deadline needs watching."""
+        return self.stop_deadline is not None or self.drain_until is not None
 
-    def wait_s(self) -> float:
-        return 1.0 if self.stop_deadline is None and self.drain_until is None else 0.05
+    @property
+    def stopping(self) -> bool:
+        """Stopping, and not in the middle of a planned reconnect: do not connect again."""
+        return self.stop_deadline is not None and not self.reconnecting
 
     def step(self, batch: list[_Event]) -> None:
         acked: list[int] = []
         for event in batch:
             try:
                 self._handle(event, acked)
+            except _ShutOut:
+                raise
             except Exception:  # one failed event must not swallow the acks after it
                 log.exception("MQTT flusher could not handle %s", type(event).__name__)
         if acked:
@@ -521,9 +715,7 @@ class _Flusher:
             self.inflight.clear()
             self.state_mids.clear()
             self.cursor = 0
-            self.drain_until = None  # lost while draining: paho reconnects as after any loss
-            if self.reconnecting:
-                self._restart_loop()
+            self.drain_until = None  # lost while draining: reconnect as after any loss
         elif isinstance(event, _Wake):
             with self.link._lock:
                 self.link._wake_pending = False
@@ -628,14 +820,6 @@ class _Flusher:
             with self.link._lock:
                 self.link._planned_disconnect = False
 
-    def _restart_loop(self) -> None:
-        """After a clean DISCONNECT paho's network thread ends: start it again, connecting."""
-        client = self.client
-        _loop_stop(client)  # joins the ended thread (this is never paho's own thread)
-        config = self.link.config
-        client.connect_async(config.host, config.port, config.keepalive, clean_start=True)
-        client.loop_start()
-
     def _fill(self) -> None:
         room = self.link.config.inflight_window - len(self.inflight)
         if room <= 0:
@@ -675,9 +859,7 @@ class _Flusher:
 
     def finish(self) -> None:
         """Disconnect: cleanly if the offline state was acknowledged, else with the will."""
-        client = self.link._client
-        if client is None:
-            return
+        client = self.client
         if self.offline_acked or not self.connected:
             client.disconnect()
         else:

@@ -203,6 +203,11 @@ class MosquittoBroker:
             proc.stderr.close()
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (to pause it with SIGSTOP, as a hung broker)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def pid_file(self) -> Path:
         return self.data_dir / "mosquitto.pid"
 

@@ -507,7 +507,10 @@ def test_refreshes_beyond_the_block_reconnect_cleanly_and_the_will_still_outrank
     assert first_arrivals(fleet.seqs()) == sorted(set(fleet.seqs()))
     log = db.with_suffix(".log").read_text()
     assert log.count("MQTT reconnecting: the 8 state seqs of this connection are used up") == 2
-    assert "lost the connection" not in log and "WARNING" not in log, log
+    # the agent's own warnings (APScheduler may warn that a 10 ms heartbeat run was skipped
+    # while the previous one waited for its fsync on a loaded machine)
+    warned = [line for line in log.splitlines() if line.startswith(("WARNING:agent", "ERROR"))]
+    assert "lost the connection" not in log and not warned, log
 
 
 def test_a_burst_of_refreshes_ends_in_the_current_state_and_a_clean_stop(
