@@ -15,6 +15,9 @@ number of edges it reaches (one ``>=`` pass per edge rank over the whole block),
 it equals the last edge (the binning rule of :mod:`protocol.reference`). Per-feature offsets turn
 bins into slots of one flat array (each feature has one extra slot for NaN/inf), so a single
 ``np.bincount`` updates every feature. Values are binned as float32, the models' input type.
+Where :func:`agent.fastpath.native` has the C extension, its ``bin_counts`` does the counting
+part (the same comparisons in one pass per feature, the same integer counts, ~5x faster); sums
+and sums of squares stay numpy's in both.
 
 This module does not decide when to publish, does not publish, and does not persist counts; the
 agent's service loop does that with the summary it gets back.
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent import fastpath
 from protocol.drift import (
     DriftSummary,
     DriftThresholds,
@@ -142,6 +146,9 @@ class DriftAccumulator:
             [np.arange(o, o + b) for o, b in zip(self._offsets, self._bins, strict=True)]
         )
         self._n_slots = int(slots.sum())
+        self._native = fastpath.native() if k <= 255 else None  # its bin_counts, else numpy
+        self._offsets64 = self._offsets.astype(np.int64)  # intp is 32 bits on armv7l
+        self._missing64 = self._missing_slot.astype(np.int64)
 
         # the block buffer (rows x features: a served row is one contiguous store) and the
         # scratch arrays of one binning pass, which runs transposed (features x rows): each
@@ -271,27 +278,21 @@ class DriftAccumulator:
             return
         x = self._xt[:, :r]
         np.copyto(x, self._block[:r].T)  # features x rows: ~15% faster binning than row-major
-        ge, nonfinite, rank, slot = (
-            self._ge[:, :r],
-            self._nonfinite[:, :r],
-            self._rank[:, :r],
-            self._slot[:, :r],
-        )
-        ge_int = ge.view(np.int8)
-        edges = self._edges_col
-        # rank = number of edges reached; NaN reaches none, +inf all (both go to missing below)
-        np.greater_equal(x, edges[0], out=ge)
-        rank[...] = ge_int
-        for e in edges[1:]:
-            np.greater_equal(x, e, out=ge)
-            np.add(rank, ge_int, out=rank)
-        np.equal(x, self._last_col, out=ge)  # x == last edge: last inner bin, not overflow
-        np.subtract(rank, ge_int, out=rank)
-        np.add(rank, self._offsets_col, out=slot)
+        nonfinite = self._nonfinite[:, :r]
         np.isfinite(x, out=nonfinite)
         np.logical_not(nonfinite, out=nonfinite)
-        np.copyto(slot, self._missing_col, where=nonfinite)
-        self._slot_counts += np.bincount(slot.ravel(), minlength=self._n_slots)
+        if self._native is not None:
+            self._native.bin_counts(
+                self._xt,
+                r,
+                self._edges32,
+                self._last32,
+                self._offsets64,
+                self._missing64,
+                self._slot_counts,
+            )
+        else:
+            self._count_slots(x, nonfinite)
 
         x64 = self._x64[:, :r]
         np.copyto(x64, x)
@@ -303,6 +304,24 @@ class DriftAccumulator:
 
         self._class_counts += np.bincount(self._block_pred[:r], minlength=self._n_classes)
         self._fill = 0
+
+    def _count_slots(self, x: np.ndarray, nonfinite: np.ndarray) -> None:
+        """Add the block's bin counts in numpy (``bin_counts`` of the extension does the same)."""
+        r = x.shape[1]
+        ge, rank, slot = self._ge[:, :r], self._rank[:, :r], self._slot[:, :r]
+        ge_int = ge.view(np.int8)
+        edges = self._edges_col
+        # rank = number of edges reached; NaN reaches none, +inf all (both go to missing below)
+        np.greater_equal(x, edges[0], out=ge)
+        rank[...] = ge_int
+        for e in edges[1:]:
+            np.greater_equal(x, e, out=ge)
+            np.add(rank, ge_int, out=rank)
+        np.equal(x, self._last_col, out=ge)  # x == last edge: last inner bin, not overflow
+        np.subtract(rank, ge_int, out=rank)
+        np.add(rank, self._offsets_col, out=slot)
+        np.copyto(slot, self._missing_col, where=nonfinite)
+        self._slot_counts += np.bincount(slot.ravel(), minlength=self._n_slots)
 
 
 def _ceil_float32(edges: np.ndarray) -> np.ndarray:

@@ -17,6 +17,14 @@ served rows with their predicted classes in the same blocks as the drift accumul
 engine's shadow step uses this to run a candidate on live inputs); the request path never calls
 it.
 
+Where :func:`agent.fastpath.native` has the C extension, ``predict`` is its ``Predictor``,
+which serves the common request (a C-contiguous float32 batch of the model's width, finite
+unless allowed) in one C call with the same steps: the validation, the counters under the
+model's lock, the drift rows copied into a preallocated block (:class:`NativeDriftBuffer`) and
+the latency; every other call it hands to the Python ``predict`` before counting anything. The
+pure-Python path (:class:`ModelState`, :class:`DriftBuffer`) is the reference and the fallback
+where the extension is not built; the tests run both.
+
 It does not speak HTTP (:mod:`agent.http_server`), choose or verify artifacts (:mod:`agent.slots`
 and the installers), or close drift windows on a schedule (:mod:`agent.main`).
 """
@@ -30,12 +38,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from agent import fastpath
 from agent.errors import AgentError, ModelLoadError
-from agent.latency import BUCKETS, LatencyRecorder, LatencyStats
+from agent.latency import BUCKETS, LatencyStats, Recorder, new_recorder
 from agent.runtimes import Runtime, RuntimeLoader, load_runtime
 from agent.slots import InstalledRelease, Release
 from protocol.drift import DriftSummary
@@ -95,7 +104,54 @@ class BatchTap(Protocol):
     def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None: ...
 
 
-class DriftBuffer:
+class _BlockHandOver:
+    """What both drift buffers share: the sink and taps a full block goes to."""
+
+    sink: DriftSink | None
+    taps: tuple[BatchTap, ...]
+    fill: int
+    limit: int
+
+    def __init__(self, sink: DriftSink | None, limit: int = 256) -> None:
+        self._setup(sink, limit)
+
+    def _setup(self, sink: DriftSink | None, limit: int) -> None:
+        self.sink = sink  # None: a buffer that only feeds taps (a model without drift)
+        self.fill = 0  # rows held
+        self.limit = limit
+        self.taps = ()  # get each block after the sink
+        self._sink_add: Callable[[np.ndarray, np.ndarray], None] | None = (
+            None if sink is None else getattr(sink, "add_trusted", sink.add)
+        )
+
+    @property
+    def rows(self) -> int:
+        """Rows in the current window: the accumulator's and the ones still buffered here."""
+        if self.sink is None:
+            return 0
+        return self.sink.rows + self.fill
+
+    def add(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def _hand_over(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        predicted = outputs.argmax(1)
+        if self._sink_add is not None:
+            try:
+                self._sink_add(inputs, predicted)
+            except Exception:  # drift is a report about serving, never a reason to fail serving
+                log.exception("the drift accumulator refused %d rows; not counted", len(inputs))
+        for tap in self.taps:
+            try:
+                tap.add(inputs, predicted)
+            except Exception:  # same: a tap observes serving, it never fails it
+                log.exception("a batch tap refused %d rows; not passed on", len(inputs))
+
+
+class DriftBuffer(_BlockHandOver):
     """Served batches on their way to the drift accumulator, handed over in blocks.
 
     The accumulator's ``add`` costs microseconds per call whatever the batch size (its checks,
@@ -107,27 +163,13 @@ class DriftBuffer:
     sink in one call, with the predicted classes (the outputs' argmax) taken once for
     the block, through the sink's unchecked ``add_trusted`` where it has one (validated float32
     rows, argmax ids). Not thread-safe: the service uses it under the model's lock.
+    :class:`NativeDriftBuffer` is the same with its rows copied in C into preallocated blocks.
     """
 
-    __slots__ = ("sink", "inputs", "outputs", "fill", "limit", "taps", "_sink_add")
-
     def __init__(self, sink: DriftSink | None, limit: int = 256) -> None:
-        self.sink = sink  # None: a buffer that only feeds taps (a model without drift)
+        self._setup(sink, limit)
         self.inputs: list[bytes] = []  # each held batch's float32 bytes
         self.outputs: list[bytes] = []  # and its outputs'
-        self.fill = 0  # rows held
-        self.limit = limit
-        self.taps: tuple[BatchTap, ...] = ()  # get each block after the sink
-        self._sink_add: Callable[[np.ndarray, np.ndarray], None] | None = (
-            None if sink is None else getattr(sink, "add_trusted", sink.add)
-        )
-
-    @property
-    def rows(self) -> int:
-        """Rows in the current window: the accumulator's and the ones still buffered here."""
-        if self.sink is None:
-            return 0
-        return self.sink.rows + self.fill
 
     def add(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
         """Keep a copy of a served batch: float32 ``inputs`` [n, features] and ``outputs``
@@ -152,18 +194,73 @@ class DriftBuffer:
         self.inputs, self.outputs, self.fill = [], [], 0
         self._hand_over(inputs, outputs)
 
-    def _hand_over(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
-        predicted = outputs.argmax(1)
-        if self._sink_add is not None:
-            try:
-                self._sink_add(inputs, predicted)
-            except Exception:  # drift is a report about serving, never a reason to fail serving
-                log.exception("the drift accumulator refused %d rows; not counted", len(inputs))
-        for tap in self.taps:
-            try:
-                tap.add(inputs, predicted)
-            except Exception:  # same: a tap observes serving, it never fails it
-                log.exception("a batch tap refused %d rows; not passed on", len(inputs))
+
+def _native_drift_buffer_class(native: Any) -> type[_BlockHandOver]:
+    cls = _NATIVE_CLASSES.get(native)
+    if cls is not None:
+        return cls
+
+    class NativeDriftBuffer(native.RowBlock, _BlockHandOver):
+        """:class:`DriftBuffer` whose rows are copied into two preallocated blocks (float32
+        inputs and outputs, ``limit + 31`` rows: a buffer below its limit takes any batch of
+        fewer than 32 rows), by the extension's ``add_fast`` in the C predict path. The same
+        blocks go to the sink as with :class:`DriftBuffer`."""
+
+        _in_width: int  # the row block's fields (agent._fastpath.RowBlock)
+        _out_width: int
+        _capacity: int
+        _direct: int
+        _in_block: bytearray
+        _out_block: bytearray
+
+        def __init__(self, sink: DriftSink | None, limit: int = 256) -> None:
+            self._setup(sink, limit)
+            self._direct = _DIRECT_ROWS
+            self._capacity = limit + _DIRECT_ROWS - 1
+
+        def add(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
+            """Keep a copy of a served batch (the C predict copies most batches itself)."""
+            if inputs.shape[0] >= _DIRECT_ROWS:  # a block of its own, as in DriftBuffer
+                self.flush()
+                self._hand_over(inputs, outputs)
+                return
+            if self.add_fast(inputs, outputs):
+                return
+            # the first batch (no blocks yet), or arrays add_fast does not read (another
+            # dtype or layout): as float32 C-contiguous copies, into blocks of their widths
+            x = np.ascontiguousarray(inputs, dtype=_F32)
+            y = np.ascontiguousarray(outputs, dtype=_F32)
+            if (x.shape[1], y.shape[1]) != (self._in_width, self._out_width):
+                self.flush()
+                self._in_width, self._out_width = x.shape[1], y.shape[1]
+                self._in_block = bytearray(self._capacity * x.shape[1] * 4)
+                self._out_block = bytearray(self._capacity * y.shape[1] * 4)
+            if not self.add_fast(x, y):
+                raise AssertionError("the drift block refused a float32 batch that fits it")
+
+        def flush(self) -> None:
+            fill = self.fill
+            if not fill:
+                return
+            inputs = np.frombuffer(self._in_block, _F32, fill * self._in_width)
+            outputs = np.frombuffer(self._out_block, _F32, fill * self._out_width)
+            self.fill = 0
+            # views of the blocks: the sink and taps copy what they keep (see BatchTap)
+            self._hand_over(inputs.reshape(fill, -1), outputs.reshape(fill, -1))
+
+    _NATIVE_CLASSES[native] = NativeDriftBuffer
+    return NativeDriftBuffer
+
+
+_NATIVE_CLASSES: dict[Any, type[_BlockHandOver]] = {}
+
+
+def new_drift_buffer(sink: DriftSink | None, limit: int = 256) -> _BlockHandOver:
+    """A drift buffer for a model's state: the C-backed one where the extension is in use."""
+    native = fastpath.native()
+    if native is None:
+        return DriftBuffer(sink, limit)
+    return _native_drift_buffer_class(native)(sink, limit)
 
 
 class ModelState:
@@ -181,16 +278,26 @@ class ModelState:
         "drift",
     )
 
-    def __init__(self, drift: DriftBuffer | None) -> None:
+    def __init__(self, drift: _BlockHandOver | None) -> None:
         self.lock = threading.Lock()
         self.requests = 0  # served batches
         self.rows = 0
         self.rejected = 0  # batches refused for bad input (4xx)
         self.errors = 0  # batches the runtime failed on (5xx)
-        self.latency = LatencyRecorder()
+        self.latency: Recorder = new_recorder()
         self.in_flight = 0
         self.retiring = False
         self.drift = drift
+
+
+def new_model_state(drift: _BlockHandOver | None) -> ModelState:
+    """A model's state: the extension's ``ModelState`` (the same fields, readable from C, and
+    a lock C takes without a call) where it is in use, else :class:`ModelState`."""
+    native = fastpath.native()
+    if native is None:
+        return ModelState(drift)
+    state: ModelState = native.ModelState(native.Lock(), new_recorder(), drift)
+    return state
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,8 +314,8 @@ class LoadedModel:
     labels: tuple[str, int, tuple[str, ...]] = field(init=False)  # an InferenceResult's tail
 
     def __post_init__(self) -> None:
-        buffer = None if self.drift is None else DriftBuffer(self.drift)
-        object.__setattr__(self, "state", ModelState(buffer))
+        buffer = None if self.drift is None else new_drift_buffer(self.drift)
+        object.__setattr__(self, "state", new_model_state(buffer))
         object.__setattr__(self, "n_features", len(self.installed.release.feature_names))
         object.__setattr__(self, "run", self.runtime.run)  # bound once: called per request
         r = self.installed.release
@@ -344,6 +451,18 @@ class InferenceService:
         self._retired = [0, 0, 0, 0, 0]  # requests, rows, rejected, errors, latency count
         self._retired_seconds = 0.0
         self._retired_buckets = [0] * len(BUCKETS)
+        native = fastpath.native()
+        # the C predict serves the common request and hands the rest to the Python one
+        self._native: Any = None
+        if native is not None:
+            self._native = native.Predictor(
+                InferenceService.predict.__get__(self),
+                InferenceResult,
+                InputError,
+                max_rows,
+                self._reject_nan,
+            )
+            self.predict = self._native  # type: ignore[method-assign]
 
     # --- the model ---------------------------------------------------------------------------
 
@@ -355,6 +474,13 @@ class InferenceService:
         pass it to :meth:`retire`)."""
         with self._lock:
             old, self._model = self._model, model
+            if self._native is not None:
+                if model is None:
+                    self._native.set_model(None)
+                else:
+                    self._native.set_model(
+                        model, model.state, model.run, model.labels, model.n_features
+                    )
         return old
 
     def retire(self, model: LoadedModel, timeout: float = 10.0) -> bool:
@@ -379,7 +505,7 @@ class InferenceService:
                 for i, (_, c) in enumerate(stats.buckets):
                     self._retired_buckets[i] += c
             st.requests = st.rows = st.rejected = st.errors = 0
-            st.latency = LatencyRecorder()
+            st.latency = new_recorder()
         model.runtime.close()
         return drained
 
@@ -396,7 +522,7 @@ class InferenceService:
         st = model.state
         with st.lock:
             if st.drift is None:
-                st.drift = DriftBuffer(None)
+                st.drift = new_drift_buffer(None)
             else:
                 st.drift.flush()
             st.drift.taps = (*st.drift.taps, tap)
@@ -564,7 +690,7 @@ class InferenceService:
         model = self._model
         # lock order as in retire(): the model's, then the service's, so a model retired
         # meanwhile is counted exactly once
-        st = model.state if model is not None else ModelState(None)
+        st = model.state if model is not None else new_model_state(None)
         with st.lock, self._lock:
             requests, rows, rejected, errors, count = self._retired
             seconds = self._retired_seconds

@@ -5,14 +5,20 @@ recent traffic: p50/p95/p99 for the health page, the heartbeat and an update's t
 cumulative fixed-bucket histogram since start (Prometheus' ``_bucket``/``_sum``/``_count``).
 Recording is a list store and an index bump; samples are binned into the histogram (and
 counted and summed) when the ring wraps or someone reads the figures, and sorting happens only
-on a read. Not thread-safe
-on its own: the caller records under its lock.
+on a read. Not thread-safe on its own: the caller records under its lock.
+
+:func:`new_recorder` gives the recorder the inference service uses: where :mod:`agent.fastpath`
+has the C extension, one whose ``record`` (and the service's C predict) stores into the ring in
+C; :class:`LatencyRecorder` is its pure-Python twin, the same in every figure.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Any
+
+from agent import fastpath
 
 # upper bounds in seconds (Prometheus ``le``); the last, implicit bucket is +Inf
 BUCKETS: tuple[float, ...] = (
@@ -52,26 +58,31 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-class LatencyRecorder:
+class Recorder:
+    """The read side of a recorder, shared by both record sides: a subclass's ``record`` fills
+    ``_ring[_next]``, bumps ``_next`` and calls ``_fold(_size)`` when the ring wraps."""
+
+    _ring: list[float]
+    _size: int
+    _next: int
+    _folded: int  # ring[_folded:_next] are not in the histogram, count and total yet
+
     def __init__(self, window: int = 2048) -> None:
+        self._setup(window)
+
+    def _setup(self, window: int) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self._ring = [0.0] * window
         self._size = window
         self._next = 0
-        self._folded = 0  # ring[_folded:_next] are not in the histogram, count and total yet
+        self._folded = 0
         self._count = 0
         self._total = 0.0
         self._buckets = [0] * (len(BUCKETS) + 1)
 
     def record(self, seconds: float) -> None:
-        i = self._next
-        self._ring[i] = seconds
-        i += 1
-        if i == self._size:  # the ring wraps: bin what it holds before it is overwritten
-            self._fold(i)
-            i = self._folded = 0
-        self._next = i
+        raise NotImplementedError
 
     def _fold(self, end: int) -> None:
         new = self._ring[self._folded : end]
@@ -99,3 +110,39 @@ class LatencyRecorder:
             p95=quantile(recent, 0.95) if n else None,
             p99=quantile(recent, 0.99) if n else None,
         )
+
+
+class LatencyRecorder(Recorder):
+    """Recent latencies and a histogram since start, recorded in Python."""
+
+    def record(self, seconds: float) -> None:
+        i = self._next
+        self._ring[i] = seconds
+        i += 1
+        if i == self._size:  # the ring wraps: bin what it holds before it is overwritten
+            self._fold(i)
+            i = self._folded = 0
+        self._next = i
+
+
+_native_class: dict[Any, type[Recorder]] = {}
+
+
+def _native_recorder_class(native: Any) -> type[Recorder]:
+    """The recorder whose ``record`` is the extension's (the same steps, in C)."""
+    cls = _native_class.get(native)
+    if cls is None:
+
+        class NativeLatencyRecorder(native.LatencyRing, Recorder):
+            """:class:`LatencyRecorder` with its ``record`` in C."""
+
+        cls = _native_class[native] = NativeLatencyRecorder
+    return cls
+
+
+def new_recorder(window: int = 2048) -> Recorder:
+    """A latency recorder: the C-backed one where :func:`agent.fastpath.native` has it."""
+    native = fastpath.native()
+    if native is None:
+        return LatencyRecorder(window)
+    return _native_recorder_class(native)(window)

@@ -18,7 +18,10 @@ and calls ``run``, the agent's hot path, which takes a batch its caller has chec
 inference service validates every request itself) and calls the runtime the cheapest way it
 offers: onnxruntime's session binding directly with one reused ``RunOptions`` (the public
 ``InferenceSession.run`` re-checks the feed in Python and builds default run options on every
-call, ~4 µs of a ~15 µs call on the sample model).
+call, ~4 µs of a ~15 µs call on the sample model). Where :func:`agent.fastpath.native` has
+the C extension, LiteRT's ``run`` is its ``LiteRtRunner``: the same SetTensor/Invoke/GetTensor
+calls on the interpreter wrapper under the same lock, made from C for a batch of the size the
+interpreter is allocated for; other sizes and a closed runtime take the Python ``run``.
 
 This module does not verify bundle hashes (:mod:`protocol.bundle`), compare golden outputs
 (:mod:`protocol.golden`) or choose the artifact (:mod:`protocol.profiles`).
@@ -29,10 +32,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
+from agent import fastpath
 from agent.errors import BatchError, InferenceError, ModelLoadError, RuntimeUnavailableError
 from protocol.bundle import TensorSpec
 
@@ -278,9 +282,18 @@ class LiteRtRuntime:
         self._classes = int(self.output.shape[1] or 0)
         self._fixed_rows = self.input.shape[0]  # None: any batch size
         self._allocated_rows = int(input_details[0]["shape"][0])  # the batch size tensors fit now
-        self._lock = threading.Lock()
+        native = fastpath.native()
+        self._lock: Any = threading.Lock() if native is None else native.Lock()
         # Bound once: on a small model each attribute lookup is a visible share of a call.
         self._acquire, self._release = self._lock.acquire, self._lock.release
+        if native is not None:  # the same run in C for the common call, the rest to this one
+            self.run = native.LiteRtRunner(  # type: ignore[method-assign]
+                self,
+                LiteRtRuntime.run.__get__(self),
+                self._lock,
+                self._input_index,
+                self._output_index,
+            )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` (rows, features) through the model; returns (rows, classes)."""
@@ -312,10 +325,17 @@ class LiteRtRuntime:
         except BatchError:
             raise
         except Exception as exc:
-            self._allocated_rows = -1  # resize again on the next call
-            raise _inference_error(self, self._interpreter is None, exc) from exc
+            # the traceback keeps this frame alive: drop its reference to the wrapper, or
+            # LiteRT refuses to resize while the exception lives
+            raw = None
+            self._run_failed(exc)
         finally:
             self._release()
+
+    def _run_failed(self, exc: Exception) -> NoReturn:
+        """Raise the error for a failed run (called under the lock, by the C runner too)."""
+        self._allocated_rows = -1  # resize again on the next call
+        raise _inference_error(self, self._interpreter is None, exc) from exc
 
     def _resize(self, rows: int) -> None:
         self._interpreter.resize_tensor_input(self._input_index, (rows, self._features))

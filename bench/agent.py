@@ -3,8 +3,9 @@
 One function per section; ``main`` runs them all (or the ones named with ``--section``).
 Sections: ``drift`` (accumulation rows/s for 32 features, closing a window, merging summaries),
 ``predict`` (the agent's predict path at batch 1 and 64 against the runtime called the plain
-documented way, interleaved, same options and threads; our runtime wrapper alone; and over HTTP;
-on the sample model and on a wider MLP of the same recipe), ``memory`` (resident memory of a
+documented way, interleaved, same options and threads; our runtime wrapper alone; the same path
+on the pure-Python fallback of the C extension; and over HTTP; on the sample model and on a
+wider MLP of the same recipe), ``memory`` (resident memory of a
 real ``edge-agent run`` with a model loaded and connected to a broker, LiteRT and onnxruntime,
 against a bare process that only loads the same model).
 
@@ -203,11 +204,17 @@ def bench_predict(quick: bool) -> None:
     logging.getLogger("models").setLevel(logging.WARNING)
     # many short rounds: the best round of each path is the one the machine left alone
     rounds = 31 if quick else 101
-    print("== predict path: agent vs bare runtime (same artifact, same threads, interleaved) ==")
+    from agent import fastpath
+
+    path = "C extension" if fastpath.native() is not None else "pure Python (no C extension)"
+    print(
+        "== predict path: agent vs bare runtime (same artifact, same threads, interleaved; "
+        f"agent on its {path}) =="
+    )
     print(
         f"{'runtime':12s} {'model':>7s} {'batch':>5s} {'bare us':>8s} {'run us':>7s} "
         f"{'agent us':>9s} {'svc us':>7s} {'overhead':>9s} {'ratio':>6s} {'cpu':>6s} "
-        f"{'no drift':>9s} {'http us':>8s} {'http':>7s}"
+        f"{'no drift':>9s} {'python':>7s} {'http us':>8s} {'http':>7s}"
     )
     with tempfile.TemporaryDirectory() as build_dir:
         bundles = [("sample", BUNDLE), ("wide", _wide_bundle(Path(build_dir), WIDE_HIDDEN))]
@@ -224,6 +231,7 @@ def bench_predict(quick: bool) -> None:
         "svc: agent - run, the service's own cost per call; overhead: agent - bare, wall "
         "microseconds per call; ratio: best wall time agent / bare, target <= 1.2x at batch 1; "
         "cpu: the same in process CPU time; no drift: the cpu ratio without the drift feed; "
+        "python: the agent's ratio on the pure-Python fallback (no agent._fastpath); "
         "http: a keep-alive AgentClient round trip, as a multiple of bare. wide: hidden layers "
         f"{WIDE_HIDDEN} "
         "instead of (32, 16).)"
@@ -240,6 +248,7 @@ def _bench_predict_one(
     """One row per batch size of :func:`bench_predict`."""
     import tempfile
 
+    from agent import fastpath
     from agent.bundle_install import install_bundle
     from agent.client import AgentClient
     from agent.config import Listen
@@ -256,6 +265,14 @@ def _bench_predict_one(
         service.swap(load_model(installed, threads, DriftAccumulator))
         plain = InferenceService(max_rows=1024)  # the same without the drift feed
         plain.swap(load_model(installed, threads))
+        native = fastpath.native()
+        fastpath.use_native(False)  # the same service and runtime on the pure-Python path
+        try:
+            pure = InferenceService(max_rows=1024)
+            pure.swap(load_model(installed, threads, DriftAccumulator))
+        finally:
+            if native is not None:
+                fastpath.use_native(True)
         model = service.current()
         assert model is not None
         ours = model.runtime
@@ -275,7 +292,8 @@ def _bench_predict_one(
                 # the best round be one that binned nothing
                 calls = DEFAULT_BLOCK_ROWS // batch
                 fns: list[Callable[[], object]] = [
-                    partial(f, x) for f in (bare, ours.run, service.predict, plain.predict)
+                    partial(f, x)
+                    for f in (bare, ours.run, service.predict, plain.predict, pure.predict)
                 ]
                 for _ in range(50):  # warm up every path (allocations, tensor resizes)
                     for fn in fns:
@@ -286,12 +304,13 @@ def _bench_predict_one(
                     for _ in range(20):
                         c.predict(rows)
 
-                (b, r, a, _), (cb, _, ca, cp) = _interleaved(fns, calls, rounds)
+                (b, r, a, _, ap), (cb, _, ca, cp, _) = _interleaved(fns, calls, rounds)
                 http = _best_seconds(run_http, max(3, rounds // 4)) / 20
                 print(
                     f"{runtime:12s} {model_name:>7s} {batch:5d} {b * 1e6:8.1f} {r * 1e6:7.1f} "
                     f"{a * 1e6:9.1f} {(a - r) * 1e6:7.1f} {(a - b) * 1e6:8.1f}u {a / b:5.2f}x "
-                    f"{ca / cb:5.2f}x {cp / cb:8.2f}x {http * 1e6:8.1f} {http / b:6.1f}x",
+                    f"{ca / cb:5.2f}x {cp / cb:8.2f}x {ap / b:6.2f}x {http * 1e6:8.1f} "
+                    f"{http / b:6.1f}x",
                     flush=True,
                 )
         finally:
@@ -299,6 +318,7 @@ def _bench_predict_one(
             server.stop()
             service.close()
             plain.close()
+            pure.close()
 
 
 # --- memory of a real agent process -------------------------------------------------------------

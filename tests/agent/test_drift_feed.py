@@ -1,5 +1,6 @@
 """The predict path's drift feed: the accumulator's unchecked ``add_trusted`` and the service's
-block buffer count exactly what the checked ``add`` counts, for any mix of batch sizes."""
+block buffer count exactly what the checked ``add`` counts, for any mix of batch sizes; on the
+C extension's buffer, row block and binning and on their pure-Python twins."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import numpy as np
 import pytest
 
 from agent.drift import DriftAccumulator
-from agent.inference import DriftBuffer
+from agent.inference import DriftBuffer, new_drift_buffer
 from protocol.reference import ReferenceProfile, build_reference_profile
 
 SHA = "0" * 64
 META = ("m", 1, SHA)
+
+pytestmark = pytest.mark.usefixtures("implementation")
 
 
 def _reference(features: int = 5) -> ReferenceProfile:
@@ -42,7 +45,7 @@ def test_buffered_trusted_feed_counts_what_add_counts(sizes: list[int], strided:
     x, outputs = _data(sum(sizes))
     checked = DriftAccumulator(ref, block_rows=128)
     trusted = DriftAccumulator(ref, block_rows=128)
-    buffer = DriftBuffer(trusted, limit=64)
+    buffer = new_drift_buffer(trusted, limit=64)
     start = 0
     for n in sizes:
         batch = x[start : start + n].copy()
@@ -57,8 +60,52 @@ def test_buffered_trusted_feed_counts_what_add_counts(sizes: list[int], strided:
         start += n
         assert buffer.rows == checked.rows == start
     buffer.flush()
-    assert buffer.rows == start and not buffer.inputs and not buffer.outputs
+    assert buffer.rows == start and buffer.fill == 0
+    if isinstance(buffer, DriftBuffer):
+        assert not buffer.inputs and not buffer.outputs
     assert _summary(trusted) == _summary(checked)
+
+
+def test_buffer_kind_follows_the_implementation(implementation: str) -> None:
+    buffer = new_drift_buffer(None)
+    assert isinstance(buffer, DriftBuffer) == (implementation == "python")
+
+
+@pytest.mark.parametrize("limit", [1, 5, 64])
+def test_blocks_reach_the_sink_as_with_the_python_buffer(limit: int) -> None:
+    """The same blocks (sizes and rows) reach the sink from both buffers, whatever mix of
+    batch sizes and layouts comes in (some go through the C copy, some do not)."""
+    received: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"python": [], "this": []}
+
+    class Sink:
+        rows = 0
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def add(self, inputs: np.ndarray, predicted: np.ndarray) -> None:
+            received[self.name].append((inputs.copy(), predicted.copy()))
+
+    reference = DriftBuffer(Sink("python"), limit=limit)  # type: ignore[arg-type]
+    buffer = new_drift_buffer(Sink("this"), limit=limit)  # type: ignore[arg-type]
+    x, outputs = _data(400)
+    start = 0
+    for i, n in enumerate([1, 3, 31, 32, 1, 64, 2, 7, 1, 1, 30, 100, 5, 1]):
+        batch, out = x[start : start + n], outputs[start : start + n]
+        if i % 3 == 1:  # a strided view: not the C copy's kind of array
+            batch = np.repeat(batch, 2, axis=1)[:, ::2]
+        if i % 4 == 2:
+            out = np.asfortranarray(out)
+        for b in (reference, buffer):
+            b.add(batch, out)
+        start += n
+    for b in (reference, buffer):
+        b.flush()
+    assert len(received["this"]) == len(received["python"]) > 1
+    for (xa, pa), (xb, pb) in zip(received["this"], received["python"], strict=True):
+        assert xa.dtype == xb.dtype == np.float32
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(pa, pb)
 
 
 def test_add_trusted_matches_add_across_blocks() -> None:

@@ -1,14 +1,18 @@
 """The inference service on the real runtimes with the committed pdm-classifier bundles:
-validation of every kind of bad batch, counters, drift feeding, and model swaps under load."""
+validation of every kind of bad batch, counters, drift feeding, and model swaps under load;
+every test on the C predict path (agent._fastpath) and on the pure-Python one, and both side
+by side on the same requests."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from agent import fastpath
 from agent.bundle_install import install_bundle
 from agent.drift import DriftAccumulator
 from agent.errors import InferenceError
@@ -20,7 +24,7 @@ from agent.inference import (
     batch_from_json,
     load_model,
 )
-from agent.latency import LatencyRecorder, quantile
+from agent.latency import LatencyRecorder, new_recorder, quantile
 from agent.runtimes import load_runtime
 from agent.slots import Slots
 from firmware_profiles import load_profile
@@ -29,6 +33,8 @@ from protocol.golden import GoldenSet
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "models" / "bundles" / "pdm-classifier"
 PROFILES = {"onnxruntime": "x86_64-gateway", "litert": "rpi4-aarch64"}
+
+pytestmark = pytest.mark.usefixtures("implementation")
 
 
 def loaded(tmp_path: Path, version: int = 1, runtime: str = "onnxruntime") -> LoadedModel:
@@ -240,7 +246,7 @@ def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
 def test_latency_recorder_histogram_is_exact_across_wraps(window: int) -> None:
     rng = np.random.default_rng(window)
     samples = rng.lognormal(-7, 1.5, size=5000).tolist()
-    recorder = LatencyRecorder(window)
+    recorder = new_recorder(window)
     for i, s in enumerate(samples):
         recorder.record(s)
         if i in (3, 999):  # reads in between must not count anything twice
@@ -256,6 +262,115 @@ def test_latency_recorder_histogram_is_exact_across_wraps(window: int) -> None:
 
 
 def test_latency_recorder_empty() -> None:
-    stats = LatencyRecorder().stats()
+    stats = new_recorder().stats()
     assert (stats.count, stats.p50, stats.p95, stats.p99) == (0, None, None, None)
     assert all(c == 0 for _, c in stats.buckets)
+
+
+def test_latency_recorder_kind_follows_the_implementation(implementation: str) -> None:
+    assert (type(new_recorder()) is LatencyRecorder) == (implementation == "python")
+
+
+@pytest.mark.parametrize("implementation", ["native"], indirect=True)
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+def test_the_c_path_serves_the_common_request(tmp_path: Path, runtime: str) -> None:
+    """The C predict takes a float32 C-contiguous batch itself (LiteRT's runner too, once the
+    interpreter has the batch's size) and hands everything else to the Python predict."""
+    svc = InferenceService(max_rows=128)
+    svc.swap(loaded(tmp_path, runtime=runtime))
+    model = svc.current()
+    assert model is not None
+    predictor: Any = svc.predict
+    assert type(predictor).__name__ == "Predictor" and predictor.model is model
+    run: Any = model.runtime.run
+    x = golden_inputs(model).astype(np.float32)
+    for n in (1, 1, 64, 64, 1):
+        svc.predict(x[:n])
+    svc.predict(x[:2], owned=True)
+    svc.predict(x[:2], True)
+    assert predictor.delegated == 0
+    if runtime == "litert":
+        assert type(run).__name__ == "LiteRtRunner"
+        assert run.delegated == 3  # the three size changes resize in Python
+    svc.predict(x[:2].astype(np.float64))
+    svc.predict(np.asfortranarray(x[:3]))
+    for bad in (x[:4, :3], x[:0]):
+        with pytest.raises(InputError):
+            svc.predict(bad)
+    x_nan = x[:2].copy()
+    x_nan[1, 3] = np.nan
+    with pytest.raises(InputError):
+        svc.predict(x_nan)
+    assert predictor.delegated == 5
+    assert svc.stats().requests == 9 and svc.stats().rejected == 3
+    svc.swap(None)
+    assert predictor.model is None
+    with pytest.raises(NoModelError):
+        svc.predict(x[:1])
+
+
+def _requests(x: np.ndarray) -> list[object]:
+    """A mix of what clients send: plain batches of several sizes, the kinds the C path hands
+    on (float64, ints, a view, a Fortran array, a big-endian one), and every bad kind."""
+    nan = x[:3].copy()
+    nan[1, 2] = np.nan
+    inf = x[:40].copy()
+    inf[39, 0] = np.inf
+    huge = np.full((60, 24), 3e38, np.float32)  # finite, but a float32 sum of squares is not
+    return [
+        *(x[: 1 + i % 5] for i in range(40)),
+        x[:64],
+        x[:1].astype(np.float64),
+        x[:2].astype(np.int32),
+        np.repeat(x[:8], 2, axis=0)[::2],
+        np.asfortranarray(x[:6]),
+        x[:5].astype(">f4"),
+        huge,
+        nan,
+        inf,
+        x[:1, :23],
+        x[0],
+        x[:0],
+        np.zeros((129, 24), np.float32),
+        np.full((1, 24), "a"),
+        [[0.0] * 24],
+        *(x[i : i + 1] for i in range(300)),
+    ]
+
+
+def _serve(svc: InferenceService, requests: list[object]) -> list[object]:
+    answers: list[object] = []
+    for request in requests:
+        try:
+            r = svc.predict(request)  # type: ignore[arg-type]
+            answers.append((r.outputs.tolist(), r.model_name, r.model_version, r.classes))
+        except InputError as exc:
+            answers.append((type(exc).__name__, exc.status, str(exc)))
+    return answers
+
+
+@pytest.mark.parametrize("implementation", ["native"], indirect=True)  # and Python, below
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+@pytest.mark.parametrize("nan_policy", ["reject", "allow"])
+def test_c_and_python_paths_agree(tmp_path: Path, runtime: str, nan_policy: str) -> None:
+    """The same requests through a service on each path: the same outputs, the same errors
+    word for word, the same counters and latency count, the same drift summary."""
+    services = {}
+    for name, module in (("native", fastpath.native()), ("python", None)):
+        fastpath._native = module
+        svc = InferenceService(nan_policy=nan_policy, max_rows=128)
+        svc.swap(loaded(tmp_path / name, runtime=runtime))
+        services[name] = svc
+    model = services["native"].current()
+    assert model is not None
+    requests = _requests(golden_inputs(model).astype(np.float32))
+    answers = {name: _serve(svc, requests) for name, svc in services.items()}
+    assert answers["native"] == answers["python"]
+    stats = {name: svc.stats() for name, svc in services.items()}
+    for field in ("requests", "rows", "rejected", "errors", "latency_count"):
+        assert getattr(stats["native"], field) == getattr(stats["python"], field), field
+    assert stats["native"].latency_buckets[-1][1] == stats["native"].latency_count
+    summaries = {name: svc.close_drift_window(0.0, 1.0) for name, svc in services.items()}
+    assert summaries["native"] is not None and summaries["python"] is not None
+    assert summaries["native"].to_dict() == summaries["python"].to_dict()
+    assert summaries["native"].counts.n == stats["native"].rows

@@ -213,6 +213,7 @@ def test_litert_does_not_import_onnxruntime() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.usefixtures("implementation")
 def test_litert_concurrent_callers_get_their_own_rows() -> None:
     """The lock keeps resize/set/invoke/get of one caller together under contention."""
     rt = load_runtime(_first("litert"), "litert", 1)
@@ -236,6 +237,24 @@ def test_litert_concurrent_callers_get_their_own_rows() -> None:
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.usefixtures("implementation")
+def test_litert_failure_inside_a_run_is_the_runtimes_error() -> None:
+    """A batch the interpreter refuses at the allocated size fails as an InferenceError naming
+    the file and LiteRT's reason, the lock is free again and the next batch is served (the C
+    runner raises through the same _run_failed as the Python run)."""
+    path = _first("litert")
+    rt = load_runtime(path, "litert", 1)
+    assert isinstance(rt, LiteRtRuntime)
+    x = np.random.default_rng(4).normal(size=(1, rt._features)).astype(np.float32)
+    want = rt.predict(x)
+    wrong = np.zeros((1, rt._features + 1), np.float32)  # run() trusts its caller's checks
+    with pytest.raises(InferenceError, match=rf"^{path}: litert failed to run the batch") as err:
+        rt.run(wrong)
+    assert err.value.__cause__ is not None
+    assert rt._allocated_rows == -1 and not rt._lock.locked()
+    np.testing.assert_array_equal(rt.run(x), want)
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -274,6 +293,7 @@ def test_bad_batches_say_what_is_wrong(onnx_path: Path, batch: np.ndarray, messa
         rt.predict(batch)
 
 
+@pytest.mark.usefixtures("implementation")
 def test_closed_runtime_says_so(onnx_path: Path, rows: np.ndarray) -> None:
     with OnnxRuntime(onnx_path, 1) as rt:
         rt.predict(rows[:1])
