@@ -1,31 +1,36 @@
 """Connections benchmark: how many devices stay connected and heartbeating on this machine.
 
     .venv/bin/python bench/connections.py [--max 10000] [--steps 1000 2500 5000 7500 10000]
-        [--per-process 100] [--heartbeat 10] [--hold 40]
+        [--per-process 500] [--heartbeat 10] [--hold 40]
+    .venv/bin/python bench/connections.py --idle 200 [--idle-seconds 30]
 
 Starts its own Mosquitto and fleet manager (:func:`simulators.stack.running_stack`, MQTT
 ingestion on), then adds devices in steps. Each device is a real :class:`agent.main.Agent`
-(its own SQLite outbox and update store, its own MQTT link: paho client, flusher and inbound
-threads; the real heartbeat job on a scheduler shared by the agents of its process, as
-:mod:`simulators.host` does) **without a model** and **without enrollment**: the device row is
-written into the fleet's database directly and the agent is not provisioned, so a step is not
-bounded by enrollment (HTTP, keys) or inference, only by holding connections and reporting.
-Device state directories live in ``/dev/shm``: on a real fleet every device fsyncs its own disk,
-here one disk would be shared by thousands. Devices are spread over processes of
-``--per-process`` agents: every paho client has its own network thread, and with many hundreds of
-them in one Python process connects start failing (the client closes the socket before its
-CONNECT is read and backs off; bare paho clients do the same at ~900 a process on 2 cores), so
-keep it near 100.
+(its own SQLite outbox and update store, its own MQTT link and its thread; the real heartbeat
+job on a scheduler shared by the agents of its process, as :mod:`simulators.host` does)
+**without a model** and **without enrollment**: the device row is written into the fleet's
+database directly and the agent is not provisioned, so a step is not bounded by enrollment
+(HTTP, keys) or inference, only by holding connections and reporting. Device state directories
+live in ``/dev/shm``: on a real fleet every device fsyncs its own disk, here one disk would be
+shared by thousands. Devices are spread over processes of ``--per-process`` agents (the link
+polls its socket with ``poll``, so a process is not bound to 1,024 descriptors; most of a
+process's ~100 MiB is its interpreter and imports, so fewer, larger processes use less memory
+per device).
 
 After each step it holds for ``--hold`` seconds and prints: devices connected (the links'
 own status), devices whose heartbeat the fleet stored during the hold, the ingestion lag
 (fleet ``received_at`` - device ``ts``: p50/p99/max, first and second half of the hold),
-CPU of the fleet process (this one), the broker and the device processes, RSS and threads per
-device. It stops at ``--max`` or at the first step where a device could not start or connect,
-a device's heartbeat was not stored, the lag grows (second half's p99 over the first's by more
-than a heartbeat), or memory runs short. At the end every agent stops cleanly and every report
-an agent wrote to its outbox (counted by a trigger, as :mod:`simulators.host` does) must be
-stored by the fleet: lost = sent - stored. It asserts nothing.
+CPU of the fleet process (this one), the broker and the device processes (and the devices' per
+device, in ms per second), RSS and threads per device. It stops at ``--max`` or at the first
+step where a device could not start or connect, a device's heartbeat was not stored, the lag
+grows (second half's p99 over the first's by more than a heartbeat), or memory runs short. At
+the end every agent stops cleanly and every report an agent wrote to its outbox (counted by a
+trigger, as :mod:`simulators.host` does) must be stored by the fleet: lost = sent - stored. It
+asserts nothing.
+
+``--idle N`` only profiles N idle agents in one process against a broker (no fleet): per thread
+kind (by Python thread name), threads, CPU (``/proc/self/task/*/schedstat``) and wake-ups
+(voluntary context switches: each is a sleep the thread woke from) per agent per second.
 """
 
 from __future__ import annotations
@@ -134,17 +139,11 @@ def device_process(
                     "threads": me.num_threads(),
                 }
             )
+        elif isinstance(cmd, tuple) and cmd[0] == "profile":
+            conn.send(profile_threads(float(cmd[1])))
         elif cmd == "stop":
-
-            def stop(agent: Agent) -> str:
-                try:
-                    agent.stop()
-                    return ""
-                except Exception as exc:  # noqa: BLE001 - reported; counting goes on
-                    return f"{type(exc).__name__}: {exc}"
-
             with ThreadPoolExecutor(32) as pool:
-                stop_errors = [e for e in pool.map(stop, agents.values()) if e]
+                list(pool.map(lambda agent: agent.stop(), agents.values()))
             scheduler.shutdown(wait=True)
             sent: dict[str, list[int]] = {}
             pending = 0
@@ -153,8 +152,43 @@ def device_process(
                 with closing(sqlite3.connect(db_path)) as db:
                     sent[device] = [s for (s,) in db.execute("SELECT seq FROM sim_sent")]
                     pending += db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            conn.send({"sent": sent, "pending": pending, "stop_errors": stop_errors})
+            conn.send({"sent": sent, "pending": pending})
             return
+
+
+def _thread_kind(name: str) -> str:
+    """A thread's kind from its Python name: paho's network thread is named after the client."""
+    if name.startswith("paho-mqtt-client-"):
+        return "paho-network"
+    return name.rstrip("0123456789_-") or name
+
+
+def _task_counters(tid: int) -> tuple[float, int]:
+    """(CPU seconds, voluntary context switches) of one thread of this process."""
+    try:
+        # schedstat's first field: time on a CPU in ns (stat's utime/stime count 10 ms ticks)
+        cpu = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+        status = Path(f"/proc/self/task/{tid}/status").read_text()
+    except OSError:  # the thread ended
+        return 0.0, 0
+    switches = next(
+        int(line.split()[1]) for line in status.splitlines() if line.startswith("voluntary_")
+    )
+    return cpu, switches
+
+
+def profile_threads(seconds: float) -> dict[str, tuple[int, float, float]]:
+    """Per thread kind of this process over ``seconds``: (threads, CPU s, wake-ups), a wake-up
+    being a voluntary context switch (the thread slept, on a lock, a queue, select or a timer)."""
+    threads = {t.native_id: _thread_kind(t.name) for t in threading.enumerate() if t.native_id}
+    before = {tid: _task_counters(tid) for tid in threads}
+    time.sleep(seconds)
+    out: dict[str, tuple[int, float, float]] = {}
+    for tid, kind in threads.items():
+        cpu, switches = _task_counters(tid)
+        n, c, w = out.get(kind, (0, 0.0, 0.0))
+        out[kind] = (n + 1, c + cpu - before[tid][0], w + switches - before[tid][1])
+    return out
 
 
 class Unresponsive(RuntimeError):
@@ -175,7 +209,6 @@ class Devices:
         self.count = 0
         self.unanswered = 0  # device processes killed at the end for not answering
         self.errors: list[str] = []
-        self.stop_errors: list[str] = []  # agents whose stop raised
         self.ctx = mp.get_context("spawn")
 
     def register(self, ids: list[str]) -> None:
@@ -209,6 +242,7 @@ class Devices:
                 ),
             )
             proc.start()
+            child.close()  # a device process that dies is an EOFError here, not a hang
             new.append((proc, parent))
         self.procs += new
         started = failed = 0
@@ -254,7 +288,6 @@ class Devices:
             reply = conn.recv()
             sent.update(reply["sent"])
             pending += reply["pending"]
-            self.stop_errors += reply["stop_errors"]
             proc.join(60)
         return sent, pending
 
@@ -305,7 +338,7 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"open files limit {limit:,} (broker inherits it); kernel.pid_max "
         f"{Path('/proc/sys/kernel/pid_max').read_text().strip()} (every thread of every process "
-        f"counts; an agent holds 3: paho loop, flusher, inbound); {psutil.cpu_count()} cores, "
+        f"counts; an idle agent holds one: its MQTT link's); {psutil.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
     )
     print(
@@ -319,12 +352,15 @@ def run(args: argparse.Namespace) -> None:
         running_stack(Path(tmp) / "stack") as stack,
     ):
         broker_pids = [p.pid for p in psutil.Process().children() if p.name() == "mosquitto"]
+        for pid in broker_pids:
+            soft = psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+            print(f"mosquitto (pid {pid}): open files limit {soft:,}, max_connections unlimited")
         devices = Devices(Path(shm), stack, args.heartbeat)
         db_path = stack.settings.db_path
         held = 0
         print(
             "\ndevices  connected  heartbeating  lag p50/p99/max s (1st half | 2nd half)  "
-            "CPU % of a core: fleet / broker / devices  RSS/device  threads/device"
+            "CPU % of a core: fleet / broker / devices  device ms/s  RSS/device  threads/device"
         )
         try:
             for target in steps:
@@ -375,6 +411,7 @@ def step(
         f"{max(second_half, default=float('nan')):.2f}  "
         f"{100 * fleet_cpu:>5.0f} / {100 * (cpu1[1] - cpu0[1]) / span:.0f} / "
         f"{100 * (cpu1[2] - cpu0[2]) / span:.0f}  "
+        f"{1000 * (cpu1[2] - cpu0[2]) / span / devices.count:.3f}  "
         f"{rss / devices.count / 2**20:.2f} MiB  {threads / devices.count:.2f}",
         flush=True,
     )
@@ -430,20 +467,94 @@ def report(
             else ""
         )
     )
-    if devices.stop_errors:
-        print(f"{len(devices.stop_errors)} agent(s) raised on stop: {devices.stop_errors[:2]}")
+
+
+def idle(args: argparse.Namespace) -> None:
+    """Idle agents: ``--idle N`` agents in one process against a broker only, heartbeat every
+    ``--heartbeat`` s and nothing else; per thread kind, CPU and wake-ups per agent."""
+    from simulators.broker import MosquittoBroker
+
+    raise_open_files(OPEN_FILES)
+    n = args.idle
+    with (
+        tempfile.TemporaryDirectory(prefix="edgefleet-bench-idle-") as tmp,
+        tempfile.TemporaryDirectory(prefix="edgefleet-idle-", dir="/dev/shm") as shm,
+        MosquittoBroker(Path(tmp) / "broker") as broker,
+    ):
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        ids = [f"dev-idle-{i:05d}" for i in range(n)]
+        proc = ctx.Process(
+            target=device_process,
+            args=(child, shm, ids, broker.host, broker.port, args.heartbeat),
+        )
+        proc.start()
+        child.close()  # a device process that dies is an EOFError here, not a hang
+        try:
+            reply = parent.recv()
+            deadline = time.monotonic() + 60
+            while True:
+                parent.send("status")
+                status = parent.recv()
+                if status["connected"] >= reply["started"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            time.sleep(args.heartbeat + 2)  # past the first heartbeats and the settling
+            whole = psutil.Process(proc.pid)
+            cpu0 = sum(whole.cpu_times()[:2])
+            parent.send(("profile", args.idle_seconds))
+            kinds = parent.recv()
+            cpu = sum(whole.cpu_times()[:2]) - cpu0
+        finally:
+            parent.send("stop")
+            if parent.poll(120):
+                parent.recv()
+            proc.join(30)
+    span = args.idle_seconds
+    print(
+        f"{n} idle agents in one process ({status['connected']} connected), heartbeat every "
+        f"{args.heartbeat:g} s, measured over {span:g} s; per agent:"
+    )
+    print(f"{'thread':<24} {'threads':>8} {'CPU ms/s':>9} {'wake-ups/s':>11}")
+    total_cpu = total_wake = 0.0
+    for kind, (threads, cpu_s, wakes) in sorted(kinds.items(), key=lambda kv: -kv[1][2]):
+        total_cpu += cpu_s
+        total_wake += wakes
+        print(
+            f"{kind:<24} {threads / n:>8.2f} {1000 * cpu_s / span / n:>9.3f} "
+            f"{wakes / span / n:>11.2f}"
+        )
+    print(
+        f"{'all threads':<24} {sum(k[0] for k in kinds.values()) / n:>8.2f} "
+        f"{1000 * total_cpu / span / n:>9.3f} {total_wake / span / n:>11.2f}"
+    )
+    print(
+        f"the whole device process: {1000 * cpu / span / n:.3f} ms CPU per agent per second "
+        f"({100 * cpu / span:.1f}% of a core for {n})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max", type=int, default=10_000)
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 2500, 5000, 7500, 10_000])
-    parser.add_argument("--per-process", type=int, default=100, help="devices per process")
+    parser.add_argument("--per-process", type=int, default=500, help="devices per process")
     parser.add_argument("--heartbeat", type=float, default=10.0)
     parser.add_argument("--hold", type=float, default=40.0, help="seconds held at each step")
+    parser.add_argument(
+        "--idle",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only profile N idle agents in one process (CPU and wake-ups per thread kind)",
+    )
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    run(args)
+    if args.idle:
+        idle(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
