@@ -1067,14 +1067,12 @@ get_buffer(PyObject *obj, Py_buffer *view, const char *what, const char *format,
     return 0;
 }
 
-#define BIN_CHUNK 256
-
 /* bin_counts(xt, rows, edges, last, offsets, missing, counts): agent.drift's binning of one
  * block, the same integers as its numpy passes: for feature j and each of the first ``rows``
  * values x of xt[j] (float32, features x block), slot = offsets[j] + (number of edges[:, j]
  * that x reaches) - (x == last[j]), or missing[j] where x is NaN or infinite; counts[slot] += 1.
  * Edge ranks padded with +inf are skipped: only an infinite x reaches them, and that goes to
- * missing anyway. */
+ * missing anyway. The edges of a feature must be ascending (agent.drift checks). */
 static PyObject *
 bin_counts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1130,44 +1128,56 @@ bin_counts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             goto out;
         }
     }
-    int32_t rank[BIN_CHUNK];
-    uint32_t hist[4][258]; /* four interleaved histograms: no chain of increments on one slot */
+    if (rows > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bin_counts: too many rows");
+        goto out;
+    }
     for (Py_ssize_t j = 0; j < f; j++) {
-        const float *xj = x + j * width;
+        const float *v = x + j * width;
         const float lastj = l[j];
         float edge_j[256];
         Py_ssize_t kj = 0; /* this feature's edges, the +inf padding left out */
         for (Py_ssize_t r = 0; r < k; r++) {
             float edge = e[r * f + j];
             if (!(isinf(edge) && edge > 0)) {
+                if (kj > 0 && !(edge >= edge_j[kj - 1])) {
+                    PyErr_SetString(PyExc_ValueError, "bin_counts: edges must be ascending");
+                    goto out;
+                }
                 edge_j[kj++] = edge;
             }
         }
-        const Py_ssize_t missing_bin = kj + 1; /* bins 0..kj, then the missing count */
-        memset(hist, 0, sizeof(hist));
-        for (Py_ssize_t start = 0; start < rows; start += BIN_CHUNK) {
-            Py_ssize_t n = rows - start < BIN_CHUNK ? rows - start : BIN_CHUNK;
-            const float *v = xj + start;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                rank[i] = 0;
-            }
-            for (Py_ssize_t r = 0; r < kj; r++) {
-                const float edge = edge_j[r];
-                for (Py_ssize_t i = 0; i < n; i++) { /* vectorised by the compiler */
-                    rank[i] += v[i] >= edge;
-                }
-            }
-            for (Py_ssize_t i = 0; i < n; i++) {
-                float vi = v[i];
-                Py_ssize_t bin = isfinite(vi) ? rank[i] - (vi == lastj) : missing_bin;
-                hist[i & 3][bin] += 1;
-            }
+        /* the values that are not finite, and the finite ones equal to the last edge */
+        int32_t nan = 0, pos_inf = 0, neg_inf = 0, at_last = 0;
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            nan += v[i] != v[i];
+            pos_inf += v[i] == INFINITY;
+            neg_inf += v[i] == -INFINITY;
+            at_last += v[i] == lastj; /* never for a NaN lastj (no representable last edge) */
         }
-        for (Py_ssize_t b = 0; b <= kj; b++) {
-            c[off[j] + b] += (int64_t)hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
+        if (!isfinite(lastj)) {
+            at_last = 0;
         }
-        c[miss[j]] += (int64_t)hist[0][missing_bin] + hist[1][missing_bin] +
-                      hist[2][missing_bin] + hist[3][missing_bin];
+        int64_t finite = rows - nan - pos_inf - neg_inf;
+        /* how many finite values reach each edge: with ascending edges a value's rank is b
+         * exactly when it reaches edge b-1 and not edge b, so a bin's count is the difference
+         * of two neighbouring reach counts; one vectorised pass per edge, no scatter */
+        int64_t below = finite; /* finite values reaching the previous edge (all, for bin 0) */
+        for (Py_ssize_t r = 0; r < kj; r++) {
+            const float edge = edge_j[r];
+            int32_t reach = 0;
+            for (Py_ssize_t i = 0; i < rows; i++) {
+                reach += v[i] >= edge;
+            }
+            int64_t reach_finite = (int64_t)reach - pos_inf - (edge == -INFINITY ? neg_inf : 0);
+            c[off[j] + r] += below - reach_finite;
+            below = reach_finite;
+        }
+        c[off[j] + kj] += below - at_last; /* a value on the last edge is in the last inner bin */
+        if (kj > 0) {
+            c[off[j] + kj - 1] += at_last;
+        }
+        c[miss[j]] += nan + pos_inf + neg_inf;
     }
     result = Py_NewRef(Py_None);
 out:

@@ -146,7 +146,9 @@ class DriftAccumulator:
             [np.arange(o, o + b) for o, b in zip(self._offsets, self._bins, strict=True)]
         )
         self._n_slots = int(slots.sum())
-        self._native = fastpath.native() if k <= 255 else None  # its bin_counts, else numpy
+        # the extension's bin_counts needs ascending edges (ceil keeps the reference's order)
+        ascending = bool(np.all(self._edges32[1:] >= self._edges32[:-1]))
+        self._native = fastpath.native() if k <= 255 and ascending else None
         self._offsets64 = self._offsets.astype(np.int64)  # intp is 32 bits on armv7l
         self._missing64 = self._missing_slot.astype(np.int64)
 

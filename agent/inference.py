@@ -61,7 +61,7 @@ _clock = time.perf_counter
 _new_tuple = tuple.__new__
 _NDARRAY = np.ndarray
 _SMALL_BATCH_VALUES = 48  # up to this many values the finiteness check sums a Python list
-_DIRECT_ROWS = 32  # the drift buffer hands batches of this many rows on without holding them
+_DIRECT_ROWS = 128  # the drift buffer hands batches of this many rows on without holding them
 _MAX_ROWS_NAMED = 10  # an error names at most this many offending rows
 
 
