@@ -35,6 +35,7 @@ PREDICT_PATH = "/v1/predict"
 MODEL_PATH = "/v1/model"
 LINGER_BYTES = 1024 * 1024  # at most this much of a refused body is read and dropped
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+IDLE_POLL_S = 3600.0  # how often an idle server looks at its shutdown flag (stop wakes it)
 
 
 class _Server(ThreadingHTTPServer):
@@ -239,9 +240,11 @@ class HttpServer:
         return f"http://{self.address}"
 
     def start(self) -> None:
+        # serve_forever wakes every poll_interval only to look at its shutdown flag: an idle
+        # agent's two servers woke 10 times a second at 0.2 s. stop() wakes it with a connection
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            kwargs={"poll_interval": IDLE_POLL_S},
             name=f"http-{self.name}",
             daemon=True,
         )
@@ -251,10 +254,26 @@ class HttpServer:
     def stop(self) -> None:
         """Stop accepting; requests already being handled run on their own daemon threads."""
         if self._thread is not None:
-            self._server.shutdown()
+            # shutdown() sets its flag, then waits for serve_forever to look at it: connect until
+            # it has (a connection accepted before the flag was set is served and closes empty)
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            while stopper.is_alive():
+                self._knock()
+                stopper.join(0.05)
             self._thread.join()
             self._thread = None
         self._server.server_close()
+
+    def _knock(self) -> None:
+        address = self.address
+        wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        host = wildcard.get(address.host, address.host)
+        try:
+            with socket.create_connection((host, address.port), timeout=1):
+                pass
+        except OSError:  # refused or timed out: the next knock, or serve_forever has ended
+            pass
 
 
 def predict_server(listen: Listen, service: InferenceService, max_body_bytes: int) -> HttpServer:

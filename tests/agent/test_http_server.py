@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +184,31 @@ def test_port_in_use_says_what_to_change(served: tuple[HttpServer, np.ndarray]) 
     taken = served[0].address
     with pytest.raises(OSError, match="cannot listen on 127.0.0.1:.* http.predict_listen"):
         predict_server(taken, InferenceService(), MAX_BODY)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_an_idle_server_sleeps_and_still_stops(host: str) -> None:
+    """No request: the server's thread is not woken to look at its shutdown flag (at 0.2 s it
+    woke 5 times a second), and stop wakes it (a wildcard address through loopback)."""
+    server = predict_server(Listen(host, 0), InferenceService(max_rows=1), MAX_BODY)
+    others = set(threading.enumerate())  # the module's served server has one of the same name
+    server.start()
+    try:
+        time.sleep(0.3)
+        [thread] = [t for t in set(threading.enumerate()) - others if t.name == "http-predict"]
+        status = Path(f"/proc/self/task/{thread.native_id}/status")
+
+        def wake_ups() -> int:
+            lines = status.read_text().splitlines()
+            return next(int(line.split()[1]) for line in lines if line.startswith("vol"))
+
+        before = wake_ups()
+        time.sleep(2)
+        woken = wake_ups() - before
+    finally:
+        stopper = threading.Thread(target=server.stop, daemon=True)
+        stopper.start()
+        stopper.join(30)  # a stop that waited for the hour-long poll would still be running
+    assert not stopper.is_alive() and not thread.is_alive()
+    assert woken <= 1, woken

@@ -69,14 +69,14 @@ def test_check_interval_pings_within_the_brokers_grace() -> None:
 @linux_only
 def test_an_idle_link_sleeps(broker: MosquittoBroker, tmp_path: Path) -> None:
     """Connected, nothing to send: one thread, and it is not woken every second (paho's
-    loop_start thread and a polling flusher woke 2-3 times a second between them)."""
+    loop_start thread and a polling flusher each woke once a second or more)."""
     outbox = Outbox(tmp_path / "agent.db", DEVICE)
     link = start_link(broker, outbox, keepalive=60)
     try:
-        time.sleep(0.5)  # the birth's ack and the block reservation are done
+        time.sleep(1)  # the birth's ack and the block reservation are done
         thread = link_thread()
         before = wake_ups(thread)
-        time.sleep(3)
+        time.sleep(4)
         woken = wake_ups(thread) - before
         assert [t.name for t in threading.enumerate() if t.name.startswith(("mqtt", "paho"))] == [
             "mqtt-link"
@@ -84,7 +84,7 @@ def test_an_idle_link_sleeps(broker: MosquittoBroker, tmp_path: Path) -> None:
     finally:
         link.stop(timeout=2)
         outbox.close()
-    assert woken <= 1, woken
+    assert woken <= 2, woken  # a late ack at most; woken every second it would be 4
 
 
 @pytest.fixture(params=["mosquitto", "embedded"])
