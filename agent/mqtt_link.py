@@ -605,25 +605,29 @@ class MqttLink:
             if wake in ready:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)
-            if sock is not None and sock is client.socket():
-                mask = ready.get(sock.fileno(), 0)
-                if buffered or mask & (select.POLLIN | select.POLLERR | select.POLLHUP):
-                    client.loop_read()
-                if mask & select.POLLOUT and client.socket() is not None:
-                    client.loop_write()
-                if client.socket() is not None:
-                    client.loop_misc()  # the keepalive: PINGREQ, or drop a silent broker
             try:
+                if sock is not None and sock is client.socket():
+                    self._network(client, ready.get(sock.fileno(), 0), buffered)
                 flusher.step(self._take_events())
                 step_failed = False
             except _ShutOut:
                 raise
             except Exception:  # keep flushing whatever happens (disk full, ...)
-                log.exception("MQTT flusher step failed; retrying")
+                log.exception("MQTT link step failed; retrying")
                 step_failed = True
         if not self._outbox.is_shut:
             flusher.finish()
             self._send_what_is_queued(client)
+
+    @staticmethod
+    def _network(client: mqtt.Client, mask: int, buffered: int) -> None:
+        """paho's part of a wake-up: read, write, and the keepalive."""
+        if buffered or mask & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            client.loop_read()
+        if mask & select.POLLOUT and client.socket() is not None:
+            client.loop_write()
+        if client.socket() is not None:
+            client.loop_misc()  # the keepalive: PINGREQ, or drop a silent broker
 
     def _send_what_is_queued(self, client: mqtt.Client, timeout: float = 1.0) -> None:
         """After the DISCONNECT: write what paho still holds (a full socket buffer)."""
