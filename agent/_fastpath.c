@@ -696,6 +696,7 @@ Predictor_vectorcall(PredictorObject *self, PyObject *const *args, size_t nargsf
     st->in_flight -= 1;
     PyObject *drift = st->drift;
     if (drift != NULL && drift != Py_None) {
+        Py_INCREF(drift); /* held while its flush may run Python code */
         int copied = 0;
         if (PyObject_TypeCheck(drift, &BlockType)) {
             copied = block_add_fast((BlockObject *)drift, batch, outputs);
@@ -705,13 +706,14 @@ Predictor_vectorcall(PredictorObject *self, PyObject *const *args, size_t nargsf
             copied = r == NULL ? -1 : 1;
             Py_XDECREF(r);
         }
+        Py_DECREF(drift);
         if (copied < 0) {
             lock_give(lock);
             goto done;
         }
     }
     double seconds = now_seconds() - start;
-    PyObject *latency = st->latency;
+    PyObject *latency = Py_NewRef(st->latency); /* held while a wrap runs _fold */
     int recorded;
     if (PyObject_TypeCheck(latency, &RingType)) {
         recorded = ring_record((RingObject *)latency, seconds);
@@ -721,6 +723,7 @@ Predictor_vectorcall(PredictorObject *self, PyObject *const *args, size_t nargsf
         recorded = r == NULL ? -1 : 0;
         Py_XDECREF(r);
     }
+    Py_DECREF(latency);
     lock_give(lock);
     if (recorded < 0) {
         goto done;

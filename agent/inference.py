@@ -202,8 +202,8 @@ def _native_drift_buffer_class(native: Any) -> type[_BlockHandOver]:
 
     class NativeDriftBuffer(native.RowBlock, _BlockHandOver):
         """:class:`DriftBuffer` whose rows are copied into two preallocated blocks (float32
-        inputs and outputs, ``limit + 31`` rows: a buffer below its limit takes any batch of
-        fewer than 32 rows), by the extension's ``add_fast`` in the C predict path. The same
+        inputs and outputs, ``limit + 127`` rows: a buffer below its limit takes any batch of
+        fewer than 128 rows), by the extension's ``add_fast`` in the C predict path. The same
         blocks go to the sink as with :class:`DriftBuffer`."""
 
         _in_width: int  # the row block's fields (agent._fastpath.RowBlock)
