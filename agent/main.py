@@ -18,10 +18,10 @@ artifact shared among them), a shared ``scheduler`` (each agent's jobs named aft
 ``serve_http=False`` (it calls the inference service directly) and the firmware ``profile``
 (its latency budget widened: hundreds of agents share its cores); a device uses the defaults.
 
-It gathers the figures the parts report (psutil for the process and the disk) for the heartbeat
-and the health snapshot; it contains no logic of its own beyond wiring. Nothing here runs at
-import time, and nothing heavy is imported until ``start`` needs it (the runtime library of the
-active artifact only; no TUF until an update starts).
+It gathers the figures the parts report (:mod:`agent.proc_stats` for the process and memory,
+the disk's usage) for the heartbeat and the health snapshot; it contains no logic of its own
+beyond wiring. Nothing here runs at import time, and nothing heavy is imported until ``start``
+needs it (the runtime library of the active artifact only; no TUF until an update starts).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-
-import psutil
 
 from agent.config import AgentConfig
 from agent.drift import DriftAccumulator, WindowPolicy
@@ -54,6 +52,7 @@ from agent.http_server import HttpServer, health_server, predict_server
 from agent.inference import InferenceService, LoadedModel, load_model
 from agent.mqtt_link import LinkConfig, MqttLink
 from agent.outbox import Outbox
+from agent.proc_stats import CpuMeter, memory_bytes, rss_bytes
 from agent.reporter import PeriodicJob, Reporter, start_periodic
 from agent.runtimes import RuntimeLoader, load_runtime
 from agent.slots import Slots
@@ -130,10 +129,7 @@ class Agent:
         self._serve_http = serve_http
         self.model_error: str | None = None  # why the active slot's model could not be loaded
         self._clock = clock
-        self._process = psutil.Process()
-        self._cpu_lock = threading.Lock()
-        self._cpu = 0.0
-        self._cpu_sampled_at = time.monotonic()
+        self._cpu = CpuMeter()
         self._started_at = clock()
         self._window_start = self._started_at
         self._window_lock = threading.Lock()
@@ -165,7 +161,7 @@ class Agent:
     def _start(self) -> None:
         config = self.config
         self._started_at = self._window_start = self._clock()
-        self._process.cpu_percent(None)  # the first call only sets the baseline
+        self._cpu.reset()
         self._window_model = self.load_active_model()
         self.outbox = Outbox(
             self.paths.db, config.device.id, max_rows=config.telemetry.outbox_max_rows
@@ -410,25 +406,15 @@ class Agent:
 
     def _system(self) -> SystemFigures:
         disk = shutil.disk_usage(self.paths.root)
-        memory = psutil.virtual_memory()
+        total, available = memory_bytes()
         return SystemFigures(
-            rss_bytes=self._process.memory_info().rss,
-            memory_total_bytes=memory.total,
-            memory_available_bytes=memory.available,
+            rss_bytes=rss_bytes(),
+            memory_total_bytes=total,
+            memory_available_bytes=available,
             disk_total_bytes=disk.total,
             disk_free_bytes=disk.free,
-            cpu_percent=self._cpu_percent(),
+            cpu_percent=self._cpu.percent(),
         )
-
-    def _cpu_percent(self) -> float:
-        # psutil measures since its previous call: sample at most once a second, so a health
-        # page refreshed often does not shrink the heartbeat's interval to nothing
-        now = time.monotonic()
-        with self._cpu_lock:
-            if now - self._cpu_sampled_at >= 1.0:
-                self._cpu = self._process.cpu_percent(None)
-                self._cpu_sampled_at = now
-            return self._cpu
 
     def heartbeat(self) -> None:
         """Report the vital signs (a periodic job)."""
