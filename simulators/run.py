@@ -62,6 +62,12 @@ UPDATING = frozenset(
 )
 
 Say = Callable[[str], None]
+WINDOW_HEADROOM = 1.5  # a device's sensor windows a second over the rows it sends a second
+# a rollout's status (every device's row) is polled this often; a large fleet's is polled less:
+# the fleet builds the whole document under the same GIL as its ingestion and controller
+POLL_S = 0.5
+POLL_S_LARGE = 2.0
+LARGE_FLEET = 200
 
 
 class Observer(Protocol):
@@ -236,6 +242,9 @@ def plan_fleet(spec: ScenarioSpec, devices: int | None = None) -> FleetPlan:
             "health_check_fails": "broken accelerator: new models fail the health check",
         }[fault.kind]
         lines.append(f"{fault.kind} on {labels}: {detail}")
+    # each device's sensors make a window a bit more often than it sends them, so batches at
+    # its rate read fresh windows even when the feeder's ticks bring one a little early
+    rate = WINDOW_HEADROOM * t.batch_rows / (t.predict_every_s * t.time_scale)
     specs = []
     for group in spec.groups:
         ids = members[group.name]
@@ -245,7 +254,7 @@ def plan_fleet(spec: ScenarioSpec, devices: int | None = None) -> FleetPlan:
                     name=_name(d),
                     profile=profile_of[d],
                     group=group.name,
-                    stream=_stream(group, spec.seed, d, frozenset(ids)),
+                    stream=_stream(group, spec.seed, d, frozenset(ids), rate),
                     batch_rows=t.batch_rows,
                     every_s=t.predict_every_s,
                     broken_accelerator=faulty.get(d) == "health_check_fails",
@@ -259,14 +268,18 @@ def _name(index: int) -> str:
     return f"edge-{index:04d}"
 
 
-def _stream(group: Any, seed: int, device: int, members: frozenset[int]) -> StreamSpec:
+def _stream(
+    group: Any, seed: int, device: int, members: frozenset[int], windows_per_s: float
+) -> StreamSpec:
     if group.stream == "gradual":
-        return StreamSpec.gradual(seed, device, group.features, group.sigma_per_hour, group.at_s)
-    if group.stream == "sudden":
-        return StreamSpec.sudden(seed, device, group.features, group.shift_sigma, group.at_s)
-    if group.stream == "environment":
-        return StreamSpec.environment(seed, device, members, group.shift_sigma, group.features)
-    return StreamSpec.stable(seed, device)
+        spec = StreamSpec.gradual(seed, device, group.features, group.sigma_per_hour, group.at_s)
+    elif group.stream == "sudden":
+        spec = StreamSpec.sudden(seed, device, group.features, group.shift_sigma, group.at_s)
+    elif group.stream == "environment":
+        spec = StreamSpec.environment(seed, device, members, group.shift_sigma, group.features)
+    else:
+        spec = StreamSpec.stable(seed, device)
+    return dataclasses.replace(spec, windows_per_s=windows_per_s)
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -296,6 +309,7 @@ def _run_rollout(
     index: int,
     say: Say,
     observer: Observer | None = None,
+    poll_s: float = POLL_S,
 ) -> RolloutOutcome:
     r = spec.rollouts[index]
     outcome = RolloutOutcome(r.version, r.expect)
@@ -338,7 +352,7 @@ def _run_rollout(
             if state not in ends:
                 outcome.reason = f"still {state} after {r.timeout_s:g} s: {outcome.reason}"
             break
-        time.sleep(0.5)
+        time.sleep(poll_s)
     outcome.seconds = time.monotonic() - started
     return outcome
 
@@ -477,7 +491,8 @@ def _run_fleet(
             timer.start()
         for i, r in enumerate(spec.rollouts):
             time.sleep(r.after_s)
-            result.rollouts.append(_run_rollout(stack, spec, i, say, observer))
+            poll_s = POLL_S if len(plan.devices) <= LARGE_FLEET else POLL_S_LARGE
+            result.rollouts.append(_run_rollout(stack, spec, i, say, observer, poll_s))
         back = max((o.at_s + o.for_s for o in plan.offline), default=0.0)
         time.sleep(max(0.0, t0 + back + 1.0 - time.monotonic()))
         for timer in timers:

@@ -1,4 +1,5 @@
-"""Sensor streams: deterministic rows, and each drift scenario seen through the real drift scoring
+"""Sensor streams: deterministic rows read from a tape of windows drawn in blocks, and each drift
+scenario seen through the real drift scoring
 (the committed v1 reference profile, protocol.drift) and the real int8 TFLite model."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from protocol.bundle import METADATA_FILE, BundleMetadata, parse_bundle
 from protocol.drift import DriftScores, count_rows, score
 from protocol.reference import ReferenceProfile
 from simulators.streams import (
+    BLOCK_ROWS,
     FEATURE_NAMES,
     TEMPERATURE_FEATURES,
     Scenario,
@@ -89,6 +91,39 @@ def test_other_time_gives_other_rows_and_batches_follow_at() -> None:
     assert [b.t_s for b in got] == [60.0, 90.0, 120.0]
     assert np.array_equal(got[2].x, stream.at(120.0, 50).x)
     assert not np.array_equal(got[0].x, got[1].x)
+
+
+def test_calls_at_the_stream_rate_read_consecutive_windows_across_block_edges() -> None:
+    rate = 8.0  # windows a simulated second
+    stream = SensorStream(StreamSpec(3, 1, windows_per_s=rate))
+    edge_s = BLOCK_ROWS / rate  # the first block ends here
+    t0 = edge_s - 2.0  # 16 windows before the edge
+    whole = SensorStream(StreamSpec(3, 1, windows_per_s=rate)).at(t0, 64)
+    parts = [stream.at(t0 + k, 8) for k in range(8)]  # one call a second, 8 windows each
+    assert np.array_equal(np.concatenate([p.x for p in parts]), whole.x)
+    assert np.array_equal(np.concatenate([p.y for p in parts]), whole.y)
+    assert len({row.tobytes() for row in whole.x}) == 64  # no window repeats
+
+
+def test_a_block_is_drawn_once_and_the_rows_do_not_depend_on_call_order() -> None:
+    rate = 4.0
+    stream = SensorStream(StreamSpec(9, 9, windows_per_s=rate))
+    times = [k * 0.5 for k in range(int(BLOCK_ROWS / rate) * 6)]  # 3 blocks, 2 calls a second
+    forward = [stream.at(t, 2).x for t in times]
+    assert stream.blocks_drawn == 3  # not one draw per call
+    backward = SensorStream(StreamSpec(9, 9, windows_per_s=rate))
+    for t, rows in reversed(list(zip(times, forward, strict=True))):
+        assert np.array_equal(backward.at(t, 2).x, rows)
+    again = stream.at(times[0], 2).x  # the first block was let go: drawn again, same rows
+    assert np.array_equal(again, forward[0]) and stream.blocks_drawn == 4
+
+
+def test_rows_are_the_callers_to_keep() -> None:
+    stream = SensorStream(StreamSpec.stable(2, 2))
+    first = stream.at(10.0, 4)
+    kept = first.x.copy()
+    first.x[:] = 0.0  # an agent owns the batch it is handed (predict(owned=True))
+    assert np.array_equal(stream.at(10.0, 4).x, kept)
 
 
 def test_small_batches_work() -> None:
@@ -211,6 +246,8 @@ def test_v1_accuracy_on_a_stable_stream_is_near_heldout(v1: V1) -> None:
         ({"scenario": "sudden", "features": ("sound_db",), "shift_sigma": "1"}, "finite number"),
         ({"scenario": "environment", "features": ("sound_db",)}, "needs devices"),
         ({"scenario": "sudden", "features": ("sound_db",), "devices": {1}}, "drop devices"),
+        ({"windows_per_s": 0.0}, "windows_per_s=0.0: use a positive number"),
+        ({"windows_per_s": float("nan")}, "windows_per_s=nan"),
     ],
 )
 def test_bad_specs_are_refused_with_what_to_do(kwargs: dict[str, object], says: str) -> None:
