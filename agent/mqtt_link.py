@@ -392,13 +392,13 @@ class MqttLink:
             self._closing = True
         self._post(_Stop(time.monotonic() + timeout))
         thread.join(timeout + STOP_GRACE_S)
-        self._outbox.shut()  # waits for an outbox call under way
         if thread.is_alive():
             log.warning(
                 "the MQTT link thread did not end within %.0f s; it will not touch the outbox "
                 "again and ends once its current call returns",
                 timeout + STOP_GRACE_S,
             )
+        self._outbox.shut()  # waits for an outbox call under way
         inbound = self._inbound_thread
         if inbound is not None:
             self._inbound.put(None)
